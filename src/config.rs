@@ -1,0 +1,817 @@
+//! The configuration file: serde structs, defaults, and the cross-field
+//! checks that run at start-up.
+//!
+//! Every struct denies unknown fields, so a misspelt key fails loudly
+//! instead of silently falling back to a default. Every error names the
+//! field (dotted path) and says what to change; the binary exits with
+//! code 2 on any of them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration error: which field, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    /// The input topics. At least one.
+    pub topics: Vec<TopicConfig>,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    pub dedup: DedupConfig,
+    pub sink: SinkConfig,
+    pub dead_letter: DeadLetterConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// librdkafka's `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// The consumer group. Instances with the same group share partitions.
+    pub group_id: String,
+    /// Where a partition with no committed offset starts.
+    #[serde(default)]
+    pub offset_reset: OffsetReset,
+    /// librdkafka's `session.timeout.ms`; its default is 45 s.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Extra librdkafka properties (security, TLS, SASL, client.id...),
+    /// passed through as they are. The few that would break the guarantee
+    /// (auto commit, auto offset store, isolation level) are refused.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_session_timeout_ms() -> u64 {
+    45_000
+}
+
+/// librdkafka properties that idem owns, because the guarantee depends on
+/// their value.
+pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "group.id",
+    "bootstrap.servers",
+    "auto.offset.reset",
+];
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OffsetReset {
+    /// Start at the oldest record still in the partition (default: a new
+    /// group processes everything the topic holds).
+    #[default]
+    Earliest,
+    /// Start at the end: only records produced after the group first joined.
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    /// Where the idempotency key comes from; default: the
+    /// `Idempotency-Key` header.
+    #[serde(default)]
+    pub key: KeySource,
+}
+
+/// Where a record's idempotency key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "from", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum KeySource {
+    /// A record header; its value must be UTF-8.
+    Header { name: String },
+    /// The Kafka record key; it must be UTF-8.
+    RecordKey,
+    /// One or more JSON pointers into the payload. One pointer gives the
+    /// value itself; several give a JSON array of the values, so that
+    /// `["a:b","c"]` and `["a","b:c"]` never collide.
+    Pointers { pointers: Vec<String> },
+    /// A hash of the canonical payload: identical events are duplicates,
+    /// and no two different bodies can conflict.
+    PayloadHash,
+}
+
+impl Default for KeySource {
+    fn default() -> Self {
+        KeySource::Header {
+            name: "Idempotency-Key".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most records in one batch.
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
+    /// Most payload bytes in one batch.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// How long a batch waits to fill before it is processed anyway.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+}
+
+fn default_max_records() -> usize {
+    1000
+}
+fn default_max_bytes() -> usize {
+    8 << 20
+}
+fn default_linger_ms() -> u64 {
+    50
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: default_max_records(),
+            max_bytes: default_max_bytes(),
+            linger_ms: default_linger_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// The RocksDB directory. Keep it on local disk that survives restarts.
+    pub path: PathBuf,
+    /// How long a key is remembered from when it was first seen, as a
+    /// humantime string ("10s", "36h", "7d").
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SinkConfig {
+    Sqlite(SqliteSinkConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteSinkConfig {
+    /// The database file; created if missing.
+    pub path: PathBuf,
+    /// How long one statement waits for another writer's lock before it
+    /// gives up and the batch is retried with backoff.
+    #[serde(default = "default_busy_timeout_ms")]
+    pub busy_timeout_ms: u64,
+    pub table: TableConfig,
+}
+
+fn default_busy_timeout_ms() -> u64 {
+    5_000
+}
+
+/// How records map onto one SQL table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    pub name: String,
+    pub mode: SinkMode,
+    /// upsert: the entity key column (must be one of `columns`).
+    /// insert: the column that holds the idempotency key (default
+    /// `idem_key`).
+    #[serde(default)]
+    pub key_column: Option<String>,
+    /// upsert only: the column holding the version that guards the row.
+    #[serde(default)]
+    pub version_column: Option<String>,
+    /// upsert only: where the version comes from, a JSON pointer to an
+    /// integer or `kafka-offset`. Default: the pointer mapped to
+    /// `version_column` in `columns`.
+    #[serde(default)]
+    pub version_from: Option<String>,
+    /// Column name to JSON pointer. Missing values are stored as NULL;
+    /// objects and arrays as JSON text.
+    pub columns: BTreeMap<String, String>,
+    /// A column that receives the whole payload as JSON text.
+    #[serde(default)]
+    pub payload_column: Option<String>,
+    /// Create the table when it does not exist.
+    #[serde(default = "default_true")]
+    pub create: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SinkMode {
+    /// One row per entity, updated only by a version at least as new.
+    Upsert,
+    /// One row per idempotency key; a second insert of a key does nothing.
+    Insert,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// The topic that receives records that can never succeed. It must
+    /// exist; while it is missing or unwritable, the offset does not move.
+    pub topic: String,
+    /// How long one dead-letter write may wait for the broker's ack before
+    /// it is retried.
+    #[serde(default = "default_dead_letter_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_dead_letter_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// A payload larger than this is dead-lettered as too-large.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// An idempotency key longer than this is dead-lettered as bad-key.
+    #[serde(default = "default_max_key_bytes")]
+    pub max_key_bytes: usize,
+}
+
+fn default_max_record_bytes() -> usize {
+    1 << 20
+}
+fn default_max_key_bytes() -> usize {
+    1024
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_record_bytes: default_max_record_bytes(),
+            max_key_bytes: default_max_key_bytes(),
+        }
+    }
+}
+
+/// Backoff for transient failures (sink locked or down, broker errors).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_initial_backoff_ms() -> u64 {
+    100
+}
+fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff_ms: default_initial_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` and `/healthz` server. Loopback by
+    /// default, so that nothing is exposed unless asked for.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".to_string()
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter directive, e.g. `info` or `idem=debug,rdkafka=warn`.
+    /// The `RUST_LOG` environment variable overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_log_level() -> String {
+    "info".to_string()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// Where an upsert's version comes from, after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionSource {
+    Pointer(String),
+    KafkaOffset,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    ///
+    /// # Errors
+    /// Any [`ConfigError`]: unreadable file, TOML that does not match the
+    /// schema (the message names the field), or a failed cross-field check.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The cross-field checks that serde cannot express.
+    ///
+    /// # Errors
+    /// The first problem found, naming its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_kafka()?;
+        self.validate_topics()?;
+        if self.batch.max_records == 0 {
+            return Err(invalid("batch.max_records", "must be at least 1"));
+        }
+        if self.batch.max_bytes == 0 {
+            return Err(invalid("batch.max_bytes", "must be at least 1"));
+        }
+        if self.dedup.window.is_zero() {
+            return Err(invalid(
+                "dedup.window",
+                "must be longer than zero, e.g. \"7d\"",
+            ));
+        }
+        if self.dead_letter.topic.trim().is_empty() {
+            return Err(invalid("dead_letter.topic", "must name a topic"));
+        }
+        if self.topics.iter().any(|t| t.name == self.dead_letter.topic) {
+            return Err(invalid(
+                "dead_letter.topic",
+                "must not be one of the input topics",
+            ));
+        }
+        if self.retry.initial_backoff_ms == 0
+            || self.retry.max_backoff_ms < self.retry.initial_backoff_ms
+        {
+            return Err(invalid(
+                "retry",
+                "initial_backoff_ms must be at least 1 and at most max_backoff_ms",
+            ));
+        }
+        if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "`{}` is not an IP:port address, e.g. \"127.0.0.1:9464\"",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", format!("not a tracing filter: {e}")));
+        }
+        match &self.sink {
+            SinkConfig::Sqlite(sqlite) => sqlite.table.validate("sink.table")?,
+        }
+        Ok(())
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err(invalid(
+                "kafka.bootstrap_servers",
+                "must list at least one host:port",
+            ));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", "must name a consumer group"));
+        }
+        for key in self.kafka.properties.keys() {
+            if RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                return Err(invalid(
+                    format!("kafka.properties.{key}"),
+                    "is set by idem itself, because the guarantee depends on it; remove it",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_topics(&self) -> Result<(), ConfigError> {
+        if self.topics.is_empty() {
+            return Err(invalid(
+                "topics",
+                "add at least one [[topics]] table with a name",
+            ));
+        }
+        for (i, topic) in self.topics.iter().enumerate() {
+            let field = format!("topics[{i}]");
+            if topic.name.trim().is_empty() {
+                return Err(invalid(format!("{field}.name"), "must name a topic"));
+            }
+            if self.topics[..i].iter().any(|t| t.name == topic.name) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("topic `{}` is listed twice", topic.name),
+                ));
+            }
+            match &topic.key {
+                KeySource::Header { name } if name.is_empty() => {
+                    return Err(invalid(format!("{field}.key.name"), "must name a header"));
+                }
+                KeySource::Pointers { pointers } => {
+                    if pointers.is_empty() {
+                        return Err(invalid(
+                            format!("{field}.key.pointers"),
+                            "list at least one JSON pointer, e.g. [\"/id\"]",
+                        ));
+                    }
+                    for p in pointers {
+                        check_pointer(&format!("{field}.key.pointers"), p)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The topic names, in config order.
+    pub fn topic_names(&self) -> Vec<&str> {
+        self.topics.iter().map(|t| t.name.as_str()).collect()
+    }
+}
+
+impl TableConfig {
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        check_identifier(&format!("{field}.name"), &self.name)?;
+        for (column, pointer) in &self.columns {
+            check_identifier(&format!("{field}.columns"), column)?;
+            check_pointer(&format!("{field}.columns.{column}"), pointer)?;
+        }
+        if let Some(c) = &self.payload_column {
+            check_identifier(&format!("{field}.payload_column"), c)?;
+            if self.columns.contains_key(c) {
+                return Err(invalid(
+                    format!("{field}.payload_column"),
+                    format!("`{c}` is also mapped in columns; use another name"),
+                ));
+            }
+        }
+        match self.mode {
+            SinkMode::Upsert => self.validate_upsert(field),
+            SinkMode::Insert => self.validate_insert(field),
+        }
+    }
+
+    fn validate_upsert(&self, field: &str) -> Result<(), ConfigError> {
+        let key = self.key_column.as_deref().ok_or_else(|| {
+            invalid(
+                format!("{field}.key_column"),
+                "upsert mode needs the entity key column, e.g. \"id\"",
+            )
+        })?;
+        check_identifier(&format!("{field}.key_column"), key)?;
+        if !self.columns.contains_key(key) {
+            return Err(invalid(
+                format!("{field}.key_column"),
+                format!("`{key}` must also be mapped in {field}.columns to a JSON pointer"),
+            ));
+        }
+        let version = self.version_column.as_deref().ok_or_else(|| {
+            invalid(
+                format!("{field}.version_column"),
+                "upsert mode needs a version column, so that an older record never \
+                 overwrites a newer one",
+            )
+        })?;
+        check_identifier(&format!("{field}.version_column"), version)?;
+        if version == key {
+            return Err(invalid(
+                format!("{field}.version_column"),
+                "must differ from key_column",
+            ));
+        }
+        self.version_source(field).map(|_| ())
+    }
+
+    fn validate_insert(&self, field: &str) -> Result<(), ConfigError> {
+        if self.version_column.is_some() || self.version_from.is_some() {
+            return Err(invalid(
+                format!("{field}.version_column"),
+                "only upsert mode uses a version; remove version_column and version_from",
+            ));
+        }
+        let key = self.insert_key_column();
+        check_identifier(&format!("{field}.key_column"), key)?;
+        if self.columns.contains_key(key) {
+            return Err(invalid(
+                format!("{field}.key_column"),
+                format!("`{key}` holds the idempotency key; do not also map it in columns"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// insert mode: the column holding the idempotency key.
+    pub fn insert_key_column(&self) -> &str {
+        self.key_column.as_deref().unwrap_or("idem_key")
+    }
+
+    /// upsert mode: where the version comes from.
+    ///
+    /// # Errors
+    /// When neither `version_from` nor a mapping of the version column
+    /// says where the version is.
+    pub fn version_source(&self, field: &str) -> Result<VersionSource, ConfigError> {
+        let from = match (&self.version_from, &self.version_column) {
+            (Some(from), _) => from.clone(),
+            (None, Some(column)) => self.columns.get(column).cloned().ok_or_else(|| {
+                invalid(
+                    format!("{field}.version_from"),
+                    format!(
+                        "set a JSON pointer or \"kafka-offset\", or map `{column}` in \
+                         {field}.columns"
+                    ),
+                )
+            })?,
+            (None, None) => {
+                return Err(invalid(
+                    format!("{field}.version_column"),
+                    "upsert mode needs a version column",
+                ))
+            }
+        };
+        if from == "kafka-offset" {
+            return Ok(VersionSource::KafkaOffset);
+        }
+        check_pointer(&format!("{field}.version_from"), &from)?;
+        Ok(VersionSource::Pointer(from))
+    }
+}
+
+/// The effective configuration, defaults filled in, secrets redacted: for
+/// `idem check-config` and the start-up log.
+pub fn describe(config: &Config) -> String {
+    let mut shown = config.clone();
+    for (key, value) in shown.kafka.properties.iter_mut() {
+        if is_secret(key) {
+            *value = "<redacted>".to_string();
+        }
+    }
+    format!("{shown:#?}")
+}
+
+fn is_secret(property: &str) -> bool {
+    let p = property.to_ascii_lowercase();
+    ["password", "secret", "sasl.jaas", "key.pem", "token"]
+        .iter()
+        .any(|s| p.contains(s))
+}
+
+fn check_pointer(field: &str, pointer: &str) -> Result<(), ConfigError> {
+    if pointer.is_empty() || !pointer.starts_with('/') {
+        return Err(invalid(
+            field,
+            format!("`{pointer}` is not a JSON pointer; it must start with '/', e.g. \"/id\""),
+        ));
+    }
+    Ok(())
+}
+
+/// SQL identifiers come from config, never from data; even so they are
+/// restricted to a plain alphabet and always quoted when used.
+fn check_identifier(field: &str, name: &str) -> Result<(), ConfigError> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63;
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "`{name}` is not a plain SQL name; use letters, digits and '_' \
+                 (at most 63, not starting with a digit)"
+            ),
+        ))
+    }
+}
+
+impl fmt::Display for SinkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SinkMode::Upsert => "upsert",
+            SinkMode::Insert => "insert",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9092"
+group_id = "g"
+
+[[topics]]
+name = "orders.v1"
+
+[dedup]
+path = "/tmp/d"
+window = "7d"
+
+[sink]
+kind = "sqlite"
+path = "/tmp/s.db"
+
+[sink.table]
+name = "orders"
+mode = "upsert"
+key_column = "id"
+version_column = "ver"
+columns = { id = "/id", ver = "/ver", qty = "/qty" }
+
+[dead_letter]
+topic = "orders.v1.dlq"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.dedup.window, Duration::from_secs(7 * 86_400));
+        assert_eq!(config.topics[0].key, KeySource::default());
+        assert_eq!(config.batch.max_records, 1000);
+        let SinkConfig::Sqlite(sqlite) = &config.sink;
+        assert_eq!(
+            sqlite.table.version_source("t").unwrap(),
+            VersionSource::Pointer("/ver".into())
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let text = GOOD.replace("group_id = \"g\"", "group_id = \"g\"\ngroup = \"x\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown field `group`"), "{err}");
+    }
+
+    #[test]
+    fn upsert_without_version_names_the_field() {
+        let text = GOOD.replace("version_column = \"ver\"\n", "");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("sink.table.version_column"), "{err}");
+    }
+
+    #[test]
+    fn reserved_kafka_property_is_refused() {
+        let text = GOOD.replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\nproperties = { \"enable.auto.commit\" = \"true\" }",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("kafka.properties.enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn sql_injection_in_table_name_is_refused() {
+        let text = GOOD.replace("name = \"orders\"", "name = \"orders; drop table x\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("sink.table.name"), "{err}");
+    }
+
+    #[test]
+    fn bad_window_names_the_field() {
+        let text = GOOD.replace("window = \"7d\"", "window = \"seven days\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("window"), "{err}");
+    }
+
+    #[test]
+    fn describe_redacts_secrets() {
+        let text = GOOD.replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\nproperties = { \"sasl.password\" = \"hunter2\" }",
+        );
+        let shown = describe(&parse(&text).unwrap());
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn key_source_variants_parse() {
+        let text = GOOD.replace(
+            "name = \"orders.v1\"",
+            "name = \"orders.v1\"\nkey = { from = \"pointers\", pointers = [\"/id\", \"/ver\"] }",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.topics[0].key,
+            KeySource::Pointers {
+                pointers: vec!["/id".into(), "/ver".into()]
+            }
+        );
+        let text = GOOD.replace(
+            "name = \"orders.v1\"",
+            "name = \"orders.v1\"\nkey = { from = \"record-key\", extra = 1 }",
+        );
+        assert!(parse(&text).is_err());
+    }
+}

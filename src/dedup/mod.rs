@@ -1,0 +1,365 @@
+//! The dedup store: which idempotency keys were seen, in a RocksDB window.
+//!
+//! Layout, two column families:
+//! - `dedup`: key = topic, 0x00, partition (4 bytes big-endian), then the
+//!   idempotency key; value = [`Entry`]. Scoped by partition, so that a
+//!   partition's state can move with it when the group rebalances.
+//! - `progress`: key = topic, 0x00, partition; value = the next offset to
+//!   read (8 bytes big-endian), written in the same synced batch as the
+//!   dedup records it covers.
+//!
+//! The window is fixed from first sight: a duplicate does not extend it.
+//! Whether a key has expired is decided at look-up from the time stored
+//! with it and the injected clock, never from whether RocksDB has
+//! compacted; the compaction filter only reclaims the space of keys that
+//! look-ups already treat as gone.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch,
+    WriteOptions, DB,
+};
+
+use crate::clock::Clock;
+use crate::decode::Fingerprint;
+use crate::record::{IdemKey, Offset, Partition};
+
+const CF_DEDUP: &str = "dedup";
+const CF_PROGRESS: &str = "progress";
+const ENTRY_FORMAT: u8 = 1;
+const ENTRY_LEN: usize = 1 + 16 + 8 + 8;
+
+/// A dedup store failure. RocksDB errors on a local disk are not expected
+/// to heal by retrying, except a busy or timed-out write.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("dedup store at {path}: {source}")]
+    Open {
+        path: String,
+        source: rocksdb::Error,
+    },
+    #[error("dedup store: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("dedup store: corrupt entry for key {key:?}")]
+    Corrupt { key: String },
+}
+
+impl StoreError {
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            StoreError::Rocks(e) => matches!(
+                e.kind(),
+                rocksdb::ErrorKind::Busy
+                    | rocksdb::ErrorKind::TimedOut
+                    | rocksdb::ErrorKind::TryAgain
+                    | rocksdb::ErrorKind::Incomplete
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// What the store remembers of one idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub fingerprint: Fingerprint,
+    /// Clock time when the key was first seen; the window counts from here.
+    pub first_seen_ms: i64,
+    /// Offset of the record that first carried the key.
+    pub offset: Offset,
+}
+
+impl Entry {
+    fn encode(&self) -> [u8; ENTRY_LEN] {
+        let mut out = [0u8; ENTRY_LEN];
+        out[0] = ENTRY_FORMAT;
+        out[1..17].copy_from_slice(&self.fingerprint.0);
+        out[17..25].copy_from_slice(&self.first_seen_ms.to_be_bytes());
+        out[25..33].copy_from_slice(&self.offset.0.to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Entry> {
+        if bytes.len() != ENTRY_LEN || bytes[0] != ENTRY_FORMAT {
+            return None;
+        }
+        Some(Entry {
+            fingerprint: Fingerprint(bytes[1..17].try_into().ok()?),
+            first_seen_ms: i64::from_be_bytes(bytes[17..25].try_into().ok()?),
+            offset: Offset(i64::from_be_bytes(bytes[25..33].try_into().ok()?)),
+        })
+    }
+
+    /// When the window of this key ends.
+    pub fn expires_at_ms(&self, window: Duration) -> i64 {
+        self.first_seen_ms.saturating_add(window_ms(window))
+    }
+
+    fn is_expired(&self, now_ms: i64, window: Duration) -> bool {
+        now_ms >= self.expires_at_ms(window)
+    }
+}
+
+fn window_ms(window: Duration) -> i64 {
+    i64::try_from(window.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The store key of an idempotency key within its partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DedupKey(Vec<u8>);
+
+impl DedupKey {
+    pub fn new(topic: &str, partition: Partition, key: &IdemKey) -> DedupKey {
+        let mut bytes = partition_prefix(topic, partition);
+        bytes.extend_from_slice(key.0.as_bytes());
+        DedupKey(bytes)
+    }
+}
+
+fn partition_prefix(topic: &str, partition: Partition) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(topic.len() + 5 + 32);
+    bytes.extend_from_slice(topic.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(&partition.0.to_be_bytes());
+    bytes
+}
+
+/// One partition's progress: the next offset to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub topic: String,
+    pub partition: Partition,
+    pub next: Offset,
+}
+
+/// The RocksDB-backed dedup window.
+pub struct DedupStore {
+    db: DB,
+    window: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl DedupStore {
+    /// Opens (or creates) the store at `path`.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when RocksDB cannot open the directory (held by
+    /// another process, unreadable, corrupt).
+    pub fn open(path: &Path, window: Duration, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+
+        let mut dedup_opts = Options::default();
+        let mut table = BlockBasedOptions::default();
+        // Most look-ups are misses (new keys): a bloom filter answers them
+        // without reading a data block.
+        table.set_bloom_filter(10.0, false);
+        table.set_cache_index_and_filter_blocks(true);
+        dedup_opts.set_block_based_table_factory(&table);
+        dedup_opts.set_compression_type(DBCompressionType::Lz4);
+        let filter_clock = Arc::clone(&clock);
+        dedup_opts.set_compaction_filter("idem-window-expiry", move |_level, _key, value| {
+            match Entry::decode(value) {
+                Some(entry) if entry.is_expired(filter_clock.now_ms(), window) => Decision::Remove,
+                _ => Decision::Keep,
+            }
+        });
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_DEDUP, dedup_opts),
+            ColumnFamilyDescriptor::new(CF_PROGRESS, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|source| {
+            StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+        Ok(DedupStore { db, window, clock })
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Looks up many keys at once. An expired entry reads as absent.
+    ///
+    /// # Errors
+    /// A RocksDB read error, or an entry that cannot be decoded.
+    pub fn lookup(&self, keys: &[&DedupKey]) -> Result<Vec<Option<Entry>>, StoreError> {
+        let cf = self.cf(CF_DEDUP);
+        let now = self.clock.now_ms();
+        let results = self
+            .db
+            .batched_multi_get_cf(&cf, keys.iter().map(|k| k.0.as_slice()), false);
+        keys.iter()
+            .zip(results)
+            .map(|(key, result)| match result? {
+                None => Ok(None),
+                Some(bytes) => {
+                    let entry = Entry::decode(&bytes).ok_or_else(|| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&key.0).into_owned(),
+                    })?;
+                    Ok((!entry.is_expired(now, self.window)).then_some(entry))
+                }
+            })
+            .collect()
+    }
+
+    /// Writes dedup entries and partition progress in one synced batch:
+    /// after it returns, both survive a crash or power loss together.
+    ///
+    /// # Errors
+    /// A RocksDB write error.
+    pub fn commit(
+        &self,
+        entries: &[(DedupKey, Entry)],
+        progress: &[Progress],
+    ) -> Result<(), StoreError> {
+        let dedup = self.cf(CF_DEDUP);
+        let prog = self.cf(CF_PROGRESS);
+        let mut batch = WriteBatch::default();
+        for (key, entry) in entries {
+            batch.put_cf(&dedup, &key.0, entry.encode());
+        }
+        for p in progress {
+            batch.put_cf(
+                &prog,
+                partition_prefix(&p.topic, p.partition),
+                p.next.0.to_be_bytes(),
+            );
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    /// The next offset recorded for a partition, if any.
+    ///
+    /// # Errors
+    /// A RocksDB read error.
+    pub fn progress(&self, topic: &str, partition: Partition) -> Result<Option<Offset>, StoreError> {
+        let bytes = self
+            .db
+            .get_cf(&self.cf(CF_PROGRESS), partition_prefix(topic, partition))?;
+        Ok(bytes
+            .and_then(|b| b.as_slice().try_into().ok())
+            .map(|b: [u8; 8]| Offset(i64::from_be_bytes(b))))
+    }
+
+    /// Compacts the whole dedup column family now, running the expiry
+    /// filter over every entry. Space is reclaimed by RocksDB's own
+    /// compactions too; this is for operators and tests.
+    pub fn compact(&self) {
+        self.db
+            .compact_range_cf(&self.cf(CF_DEDUP), None::<&[u8]>, None::<&[u8]>);
+    }
+
+    /// Entries physically present, expired or not (an estimate from
+    /// RocksDB, exact after a compaction).
+    pub fn estimated_keys(&self) -> u64 {
+        self.db
+            .property_int_value_cf(&self.cf(CF_DEDUP), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn entry(fp: u8, at: i64, offset: i64) -> Entry {
+        Entry {
+            fingerprint: Fingerprint([fp; 16]),
+            first_seen_ms: at,
+            offset: Offset(offset),
+        }
+    }
+
+    fn open(dir: &Path, clock: &ManualClock) -> DedupStore {
+        DedupStore::open(dir, Duration::from_secs(10), Arc::new(clock.clone())).unwrap()
+    }
+
+    #[test]
+    fn entry_round_trips() {
+        let e = entry(7, 1_234, 99);
+        assert_eq!(Entry::decode(&e.encode()), Some(e));
+        assert_eq!(Entry::decode(&[0u8; 3]), None);
+    }
+
+    #[test]
+    fn keys_are_partition_scoped() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(0);
+        let store = open(dir.path(), &clock);
+        let k = IdemKey("K9".into());
+        let p0 = DedupKey::new("t", Partition(0), &k);
+        let p1 = DedupKey::new("t", Partition(1), &k);
+        store.commit(&[(p0.clone(), entry(1, 0, 0))], &[]).unwrap();
+        let found = store.lookup(&[&p0, &p1]).unwrap();
+        assert!(found[0].is_some());
+        assert!(found[1].is_none());
+    }
+
+    /// C7: expiry is decided by the stored time, with or without a
+    /// compaction in between, and survives a reopen inside the window.
+    #[test]
+    fn window_expiry_does_not_wait_for_compaction() {
+        for compact in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let clock = ManualClock::new(1_000_000);
+            let key = DedupKey::new("t", Partition(0), &IdemKey("K9".into()));
+            {
+                let store = open(dir.path(), &clock);
+                store
+                    .commit(&[(key.clone(), entry(1, clock.now_ms(), 0))], &[])
+                    .unwrap();
+                clock.advance(Duration::from_secs(9));
+                assert!(store.lookup(&[&key]).unwrap()[0].is_some());
+            }
+            // Reopen inside the window: still remembered.
+            let store = open(dir.path(), &clock);
+            assert!(store.lookup(&[&key]).unwrap()[0].is_some());
+            clock.advance(Duration::from_secs(6));
+            if compact {
+                store.compact();
+                assert_eq!(store.estimated_keys(), 0, "filter should drop the key");
+            }
+            assert!(store.lookup(&[&key]).unwrap()[0].is_none(), "compact={compact}");
+        }
+    }
+
+    #[test]
+    fn progress_is_written_with_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(0);
+        let store = open(dir.path(), &clock);
+        assert_eq!(store.progress("t", Partition(0)).unwrap(), None);
+        let p = Progress {
+            topic: "t".into(),
+            partition: Partition(0),
+            next: Offset(3),
+        };
+        store.commit(&[], &[p]).unwrap();
+        assert_eq!(store.progress("t", Partition(0)).unwrap(), Some(Offset(3)));
+    }
+}

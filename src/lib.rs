@@ -1,0 +1,33 @@
+//! idem: an exactly-once-effect Kafka consumer.
+//!
+//! idem reads JSON events from Kafka, drops duplicates by an idempotency key
+//! kept in a RocksDB window, applies version-guarded idempotent writes to a
+//! sink, and commits offsets only after the sink write and the dedup record
+//! are durable.
+//!
+//! Module map, in data-path order:
+//! - [`config`]: the configuration file and its start-up checks.
+//! - [`record`]: a consumed record and the newtypes around it.
+//! - [`decode`]: bytes to event: idempotency key, canonical fingerprint, or
+//!   the reason a record can never succeed.
+//! - [`dedup`]: the RocksDB dedup window and per-partition progress.
+//! - [`sink`]: the sink contract and the SQLite sink.
+//! - [`dead_letter`]: the dead-letter topic producer.
+//! - [`pipeline`]: the write path per batch, and the consumer loop.
+//! - [`outcome`]: the outcomes every record is counted in.
+//! - [`telemetry`]: metrics, typed events, `/metrics`, logging.
+//! - [`clock`], [`failpoint`]: injectable time and crash points for tests.
+//! - [`demo`]: `idem demo`, the whole job on an embedded Kafka cluster.
+
+pub mod clock;
+pub mod config;
+pub mod dead_letter;
+pub mod decode;
+pub mod dedup;
+pub mod demo;
+pub mod failpoint;
+pub mod outcome;
+pub mod pipeline;
+pub mod record;
+pub mod sink;
+pub mod telemetry;

@@ -1,0 +1,456 @@
+//! One batch through the write path, in the order the guarantee needs:
+//!
+//! 1. decode every record (key, fingerprint, or why it is invalid);
+//! 2. look the keys up in the dedup store, all at once;
+//! 3. classify: new, duplicate, conflict, invalid, filtered; a key seen
+//!    twice within the batch is classified against its first occurrence;
+//! 4. apply the new records to the sink and wait until durable (I2: the
+//!    sink comes before the dedup record that stands for it);
+//! 5. dead-letter what can never succeed and wait for the acks;
+//! 6. write dedup records and partition progress to RocksDB, synced;
+//! 7. commit offset last + 1 of each partition to Kafka (I1: last).
+//!
+//! Transient failures in steps 2, 4, 5 and 6 are retried with backoff for
+//! as long as it takes; nothing is dead-lettered for them (I6). A crash at
+//! any point leaves the records uncommitted, and the re-read finds the sink
+//! already holding their effect (I3, I5).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::debug_span;
+
+use super::retry::{Backoff, Shutdown};
+use crate::config::{Config, KeySource, LimitsConfig, RetryConfig};
+use crate::dead_letter::{DeadLetter, DeadLetterProducer};
+use crate::decode::{decode, DeadLetterReason, Decoded, Event, Fingerprint};
+use crate::dedup::{DedupKey, DedupStore, Entry, Progress, StoreError};
+use crate::failpoint::{CrashPlan, Crashed};
+use crate::outcome::Outcome;
+use crate::record::{Offset, Partition, Record};
+use crate::sink::{Sink, SinkWrite, WriteOutcome};
+use crate::telemetry::events::Event as Telemetry;
+use crate::telemetry::Metrics;
+
+/// Commits offsets to Kafka. A trait so that the write path can be driven
+/// by the consumer loop and by the rebalance callback alike.
+pub trait OffsetCommitter {
+    /// Commits each partition's next offset, synchronously.
+    ///
+    /// # Errors
+    /// The broker's refusal, as text.
+    fn commit(&self, offsets: &[Progress]) -> Result<(), String>;
+}
+
+/// Why a batch did not complete. None of these lose data: the batch is
+/// not committed, so its records are read again.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("stopped while retrying a batch; it will be re-read on restart")]
+    Interrupted,
+    #[error(transparent)]
+    Crashed(#[from] Crashed),
+    /// The dedup store failed in a way retrying will not fix.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How one record will be handled.
+enum Plan {
+    New { event: Event, dedup: DedupKey },
+    Duplicate,
+    Conflict { first_offset: Option<Offset> },
+    Invalid { reason: DeadLetterReason, detail: String },
+    Filtered,
+}
+
+pub struct BatchProcessor {
+    topics: HashMap<String, KeySource>,
+    limits: LimitsConfig,
+    retry: RetryConfig,
+    store: DedupStore,
+    sink: Box<dyn Sink>,
+    dead_letters: DeadLetterProducer,
+    metrics: Arc<Metrics>,
+    crash: Arc<CrashPlan>,
+    shutdown: Shutdown,
+}
+
+impl BatchProcessor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &Config,
+        store: DedupStore,
+        sink: Box<dyn Sink>,
+        dead_letters: DeadLetterProducer,
+        metrics: Arc<Metrics>,
+        crash: Arc<CrashPlan>,
+        shutdown: Shutdown,
+    ) -> Self {
+        BatchProcessor {
+            topics: config
+                .topics
+                .iter()
+                .map(|t| (t.name.clone(), t.key.clone()))
+                .collect(),
+            limits: config.limits.clone(),
+            retry: config.retry,
+            store,
+            sink,
+            dead_letters,
+            metrics,
+            crash,
+            shutdown,
+        }
+    }
+
+    pub fn store(&self) -> &DedupStore {
+        &self.store
+    }
+
+    /// Runs one batch through every step, offsets included.
+    ///
+    /// # Errors
+    /// See [`BatchError`]; in every case nothing of this batch was
+    /// committed to Kafka.
+    pub fn process(
+        &mut self,
+        records: &[Record],
+        committer: &dyn OffsetCommitter,
+    ) -> Result<(), BatchError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let progress = next_offsets(records);
+        let ranges = describe_ranges(records);
+        let _span = debug_span!("batch", records = records.len(), ranges = %ranges).entered();
+
+        let plans = self.classify(records)?;
+
+        // Step 4: the sink, before anything that says "done".
+        let writes: Vec<(usize, SinkWrite<'_>)> = plans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, plan)| match plan {
+                Plan::New { event, .. } => Some((i, sink_write(&records[i], event))),
+                _ => None,
+            })
+            .collect();
+        let sink_outcomes = self.apply_to_sink(&writes)?;
+        self.crash.check("after-sink-write")?;
+
+        // Step 5: dead letters, acknowledged before the offsets move.
+        let mut outcomes: Vec<Outcome> = plans.iter().map(plan_outcome).collect();
+        let mut letters = Vec::new();
+        let mut details: Vec<(usize, DeadLetterReason, String)> = Vec::new();
+        for (i, plan) in plans.iter().enumerate() {
+            match plan {
+                Plan::Invalid { reason, detail } => details.push((i, *reason, detail.clone())),
+                Plan::Conflict { first_offset } => details.push((
+                    i,
+                    DeadLetterReason::Conflict,
+                    match first_offset {
+                        Some(o) => format!("idempotency key first seen at offset {o} with another body"),
+                        None => "idempotency key seen with another body".to_string(),
+                    },
+                )),
+                _ => {}
+            }
+        }
+        for ((i, _), outcome) in writes.iter().zip(&sink_outcomes) {
+            outcomes[*i] = match outcome {
+                WriteOutcome::Applied => Outcome::Applied,
+                WriteOutcome::Stale => Outcome::Stale,
+                WriteOutcome::AlreadyPresent => Outcome::Duplicate,
+                WriteOutcome::Rejected(why) => {
+                    details.push((*i, DeadLetterReason::SinkRejected, why.clone()));
+                    Outcome::DeadLettered
+                }
+            };
+        }
+        details.sort_by_key(|(i, _, _)| *i);
+        for (i, reason, detail) in &details {
+            letters.push(DeadLetter {
+                record: &records[*i],
+                reason: *reason,
+                detail,
+            });
+        }
+        self.send_dead_letters(&letters)?;
+        self.crash.check("after-dead-letter")?;
+
+        // Step 6: dedup records and progress, one synced write.
+        let now = self.store.now_ms();
+        let entries: Vec<(DedupKey, Entry)> = writes
+            .iter()
+            .zip(&sink_outcomes)
+            .filter(|(_, o)| !matches!(o, WriteOutcome::Rejected(_)))
+            .filter_map(|((i, _), _)| match &plans[*i] {
+                Plan::New { event, dedup } => Some((
+                    dedup.clone(),
+                    Entry {
+                        fingerprint: event.fingerprint,
+                        first_seen_ms: now,
+                        offset: records[*i].offset,
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        self.write_store(&entries, &progress)?;
+        self.crash.check("after-dedup-write")?;
+
+        // Step 7: the commit, last.
+        self.commit_offsets(committer, &progress);
+
+        for (record, outcome) in records.iter().zip(&outcomes) {
+            self.metrics.records_read.with_label_values(&[&record.topic]).inc();
+            self.metrics
+                .records
+                .with_label_values(&[&record.topic, outcome.as_str()])
+                .inc();
+        }
+        for letter in &letters {
+            Telemetry::RecordDeadLettered {
+                reason: letter.reason,
+                topic: &letter.record.topic,
+                partition: letter.record.partition.0,
+                offset: letter.record.offset.0,
+                detail: letter.detail,
+            }
+            .emit(&self.metrics);
+        }
+        Telemetry::BatchCommitted {
+            records: records.len(),
+            elapsed: started.elapsed(),
+            ranges: &ranges,
+        }
+        .emit(&self.metrics);
+        Ok(())
+    }
+
+    /// Steps 1 to 3: decode, look up, classify.
+    fn classify(&self, records: &[Record]) -> Result<Vec<Plan>, BatchError> {
+        let default_source = KeySource::default();
+        let decoded: Vec<(Decoded, Option<DedupKey>)> = records
+            .iter()
+            .map(|r| {
+                let source = self.topics.get(&r.topic).unwrap_or(&default_source);
+                let d = decode(r, source, &self.limits);
+                let key = match &d {
+                    Decoded::Event(e) => Some(DedupKey::new(&r.topic, r.partition, &e.key)),
+                    _ => None,
+                };
+                (d, key)
+            })
+            .collect();
+
+        let keys: Vec<&DedupKey> = decoded.iter().filter_map(|(_, k)| k.as_ref()).collect();
+        let mut stored = self.lookup(&keys)?.into_iter();
+
+        let mut in_batch: HashMap<DedupKey, (Fingerprint, Offset)> = HashMap::new();
+        let mut plans = Vec::with_capacity(records.len());
+        for (record, (d, key)) in records.iter().zip(decoded) {
+            let plan = match (d, key) {
+                (Decoded::Event(event), Some(dedup)) => {
+                    let earlier = stored
+                        .next()
+                        .expect("one look-up per key")
+                        .map(|e| (e.fingerprint, e.offset))
+                        .or_else(|| in_batch.get(&dedup).copied());
+                    match earlier {
+                        Some((fp, _)) if fp == event.fingerprint => Plan::Duplicate,
+                        Some((_, offset)) => Plan::Conflict {
+                            first_offset: Some(offset),
+                        },
+                        None => {
+                            in_batch.insert(dedup.clone(), (event.fingerprint, record.offset));
+                            Plan::New { event, dedup }
+                        }
+                    }
+                }
+                (Decoded::Tombstone, _) => Plan::Filtered,
+                (Decoded::Invalid { reason, detail }, _) => Plan::Invalid { reason, detail },
+                (Decoded::Event(_), None) => unreachable!("events always have a dedup key"),
+            };
+            plans.push(plan);
+        }
+        Ok(plans)
+    }
+
+    fn lookup(&self, keys: &[&DedupKey]) -> Result<Vec<Option<Entry>>, BatchError> {
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match self.store.lookup(keys) {
+                Ok(found) => return Ok(found),
+                Err(e) if e.is_retriable() => self.wait(&mut backoff, &e.to_string())?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn apply_to_sink(
+        &mut self,
+        writes: &[(usize, SinkWrite<'_>)],
+    ) -> Result<Vec<WriteOutcome>, BatchError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch: Vec<SinkWrite<'_>> = writes.iter().map(|(_, w)| *w).collect();
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            let started = Instant::now();
+            match self.sink.apply(&batch) {
+                Ok(outcomes) => {
+                    self.metrics
+                        .sink_write_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    assert_eq!(
+                        outcomes.len(),
+                        batch.len(),
+                        "a sink must return one outcome per record"
+                    );
+                    return Ok(outcomes);
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    Telemetry::SinkWriteFailed {
+                        error: &error,
+                        attempt: backoff.attempt(),
+                        backoff: delay,
+                    }
+                    .emit(&self.metrics);
+                    if self.shutdown.sleep(delay) {
+                        return Err(BatchError::Interrupted);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_dead_letters(&self, letters: &[DeadLetter<'_>]) -> Result<(), BatchError> {
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match self.dead_letters.send(letters) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    Telemetry::DeadLetterWriteFailed {
+                        error: &e.to_string(),
+                        attempt: backoff.attempt(),
+                        backoff: delay,
+                    }
+                    .emit(&self.metrics);
+                    if self.shutdown.sleep(delay) {
+                        return Err(BatchError::Interrupted);
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_store(
+        &self,
+        entries: &[(DedupKey, Entry)],
+        progress: &[Progress],
+    ) -> Result<(), BatchError> {
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match self.store.commit(entries, progress) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retriable() => self.wait(&mut backoff, &e.to_string())?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn wait(&self, backoff: &mut Backoff, error: &str) -> Result<(), BatchError> {
+        let delay = backoff.next_delay();
+        tracing::warn!(error, attempt = backoff.attempt(), "dedup store busy; retrying");
+        if self.shutdown.sleep(delay) {
+            Err(BatchError::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A failed commit is not retried for long: the records are durable,
+    /// and the next batch's commit covers this one's offsets too.
+    fn commit_offsets(&self, committer: &dyn OffsetCommitter, progress: &[Progress]) {
+        let started = Instant::now();
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match committer.commit(progress) {
+                Ok(()) => {
+                    self.metrics
+                        .commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    return;
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        Telemetry::OffsetCommitFailed { error: &last_error }.emit(&self.metrics);
+    }
+}
+
+fn sink_write<'a>(record: &'a Record, event: &'a Event) -> SinkWrite<'a> {
+    SinkWrite {
+        topic: &record.topic,
+        partition: record.partition,
+        offset: record.offset,
+        key: &event.key,
+        body: &event.body,
+        raw: record.value.as_deref().unwrap_or_default(),
+    }
+}
+
+fn plan_outcome(plan: &Plan) -> Outcome {
+    match plan {
+        // Replaced by the sink's answer.
+        Plan::New { .. } => Outcome::Applied,
+        Plan::Duplicate => Outcome::Duplicate,
+        Plan::Conflict { .. } => Outcome::Conflict,
+        Plan::Invalid { .. } => Outcome::DeadLettered,
+        Plan::Filtered => Outcome::Filtered,
+    }
+}
+
+/// The offset to commit per partition: the last offset of the batch + 1.
+fn next_offsets(records: &[Record]) -> Vec<Progress> {
+    let mut last: BTreeMap<(&str, Partition), Offset> = BTreeMap::new();
+    for r in records {
+        let e = last.entry((&r.topic, r.partition)).or_insert(r.offset);
+        *e = (*e).max(r.offset);
+    }
+    last.into_iter()
+        .map(|((topic, partition), offset)| Progress {
+            topic: topic.to_string(),
+            partition,
+            next: offset.next(),
+        })
+        .collect()
+}
+
+/// "topic/partition@first..=last" for each partition in the batch.
+pub fn describe_ranges(records: &[Record]) -> String {
+    let mut ranges: BTreeMap<(&str, Partition), (Offset, Offset)> = BTreeMap::new();
+    for r in records {
+        let e = ranges
+            .entry((&r.topic, r.partition))
+            .or_insert((r.offset, r.offset));
+        e.0 = e.0.min(r.offset);
+        e.1 = e.1.max(r.offset);
+    }
+    let mut out = String::new();
+    for ((topic, partition), (first, last)) in ranges {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        let _ = write!(out, "{topic}/{partition}@{first}..={last}");
+    }
+    out
+}

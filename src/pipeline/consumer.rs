@@ -1,0 +1,252 @@
+//! The Kafka side: the consumer loop that fills batches, and the rebalance
+//! callback that finishes the batch in flight before a partition is
+//! released.
+//!
+//! Locking: the batch state sits behind one mutex shared by the loop and
+//! the rebalance callback. librdkafka runs the callback inside `poll()` on
+//! the loop's own thread, so the loop never holds the mutex while it polls.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
+use rdkafka::ClientContext;
+use tracing::{error, info, warn};
+
+use super::batch::{BatchError, BatchProcessor, OffsetCommitter};
+use super::retry::Shutdown;
+use super::{PipelineError, RunEnd};
+use crate::config::{BatchConfig, Config};
+use crate::dedup::Progress;
+use crate::record::Record;
+use crate::telemetry::events::Event as Telemetry;
+use crate::telemetry::logging::route_librdkafka_log;
+use crate::telemetry::Metrics;
+
+/// Records polled but not yet processed, and the processor that will take
+/// them.
+struct Engine {
+    processor: BatchProcessor,
+    pending: Vec<Record>,
+    pending_bytes: usize,
+    first_polled: Option<Instant>,
+    /// Set when a batch failed inside a rebalance callback, where the
+    /// error cannot be returned; the loop picks it up after `poll()`.
+    failed: Option<BatchError>,
+    /// After a crash, nothing more may be processed or committed.
+    dead: bool,
+}
+
+impl Engine {
+    fn push(&mut self, record: Record) {
+        self.pending_bytes += record.size();
+        self.first_polled.get_or_insert_with(Instant::now);
+        self.pending.push(record);
+    }
+
+    fn is_full(&self, batch: &BatchConfig) -> bool {
+        self.pending.len() >= batch.max_records || self.pending_bytes >= batch.max_bytes
+    }
+
+    /// How long the next poll may wait before the batch is due.
+    fn poll_timeout(&self, batch: &BatchConfig) -> Duration {
+        let idle = Duration::from_millis(200);
+        match self.first_polled {
+            None => idle,
+            Some(t) => Duration::from_millis(batch.linger_ms)
+                .saturating_sub(t.elapsed())
+                .min(idle),
+        }
+    }
+
+    fn is_due(&self, batch: &BatchConfig) -> bool {
+        self.first_polled
+            .is_some_and(|t| t.elapsed() >= Duration::from_millis(batch.linger_ms))
+    }
+
+    /// Processes and commits everything pending.
+    fn flush(&mut self, committer: &dyn OffsetCommitter) -> Result<(), BatchError> {
+        if self.dead {
+            return Ok(());
+        }
+        let records = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        self.first_polled = None;
+        let result = self.processor.process(&records, committer);
+        if result.is_err() {
+            self.dead = true;
+        }
+        result
+    }
+}
+
+/// librdkafka callbacks: logs into tracing, and rebalances.
+pub struct IdemContext {
+    engine: Arc<Mutex<Engine>>,
+    metrics: Arc<Metrics>,
+}
+
+impl IdemContext {
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().expect("engine lock poisoned")
+    }
+}
+
+impl ClientContext for IdemContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        route_librdkafka_log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(target: "librdkafka", %error, reason, "client error");
+    }
+}
+
+impl ConsumerContext for IdemContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Finish and commit the batch in flight while we still own its
+            // partitions; the next owner then starts after it.
+            let mut engine = self.engine();
+            if let Err(e) = engine.flush(consumer) {
+                engine.failed = Some(e);
+            }
+            Telemetry::PartitionsRevoked {
+                partitions: &describe(tpl),
+                count: tpl.count(),
+            }
+            .emit(&self.metrics);
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => Telemetry::PartitionsAssigned {
+                partitions: &describe(tpl),
+                count: tpl.count(),
+            }
+            .emit(&self.metrics),
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+impl OffsetCommitter for BaseConsumer<IdemContext> {
+    fn commit(&self, offsets: &[Progress]) -> Result<(), String> {
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for p in offsets {
+            tpl.add_partition_offset(&p.topic, p.partition.0, KafkaOffset::Offset(p.next.0))
+                .map_err(|e| e.to_string())?;
+        }
+        Consumer::commit(self, &tpl, CommitMode::Sync).map_err(|e| e.to_string())
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The librdkafka consumer configuration. Auto commit and auto offset
+/// store are off: idem commits itself, after the write path.
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (k, v) in &config.kafka.properties {
+        client.set(k, v);
+    }
+    client
+        .set("bootstrap.servers", &config.kafka.bootstrap_servers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", config.kafka.offset_reset.as_librdkafka())
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", config.kafka.session_timeout_ms.to_string())
+        .set("enable.partition.eof", "false");
+    client
+}
+
+/// Consumes until shutdown.
+pub fn run(
+    config: &Config,
+    processor: BatchProcessor,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> Result<RunEnd, PipelineError> {
+    let engine = Arc::new(Mutex::new(Engine {
+        processor,
+        pending: Vec::new(),
+        pending_bytes: 0,
+        first_polled: None,
+        failed: None,
+        dead: false,
+    }));
+    let context = IdemContext {
+        engine: Arc::clone(&engine),
+        metrics: Arc::clone(metrics),
+    };
+    let consumer: BaseConsumer<IdemContext> =
+        client_config(config).create_with_context(context)?;
+    consumer.subscribe(&config.topic_names())?;
+    let lock = || engine.lock().expect("engine lock poisoned");
+
+    let result = loop {
+        if shutdown.is_triggered() {
+            // The batch in flight finishes and commits before we leave.
+            break lock().flush(&consumer);
+        }
+        let timeout = lock().poll_timeout(&config.batch);
+        let polled = consumer.poll(timeout);
+        if let Some(e) = lock().failed.take() {
+            break Err(e);
+        }
+        match polled {
+            Some(Ok(message)) => {
+                let record = Record::from_message(&message);
+                drop(message);
+                let mut engine = lock();
+                engine.push(record);
+                if engine.is_full(&config.batch) {
+                    if let Err(e) = engine.flush(&consumer) {
+                        break Err(e);
+                    }
+                }
+            }
+            Some(Err(e)) => warn!(error = %e, "consumer error"),
+            None => {}
+        }
+        let mut engine = lock();
+        if engine.is_due(&config.batch) {
+            if let Err(e) = engine.flush(&consumer) {
+                break Err(e);
+            }
+        }
+    };
+
+    // Whatever happened, nothing more is processed: closing the consumer
+    // runs the revoke callback, which must not commit after a crash.
+    lock().dead = true;
+    lock().pending.clear();
+    drop(consumer);
+    match result {
+        Ok(()) | Err(BatchError::Interrupted) => {
+            info!("pipeline stopped");
+            Ok(RunEnd::Stopped)
+        }
+        Err(BatchError::Crashed(c)) => {
+            warn!(point = c.0, "pipeline stopped at a crash point");
+            Ok(RunEnd::Crashed(c.0))
+        }
+        Err(BatchError::Store(e)) => {
+            error!(error = %e, "dedup store failed; stopping without committing");
+            Err(e.into())
+        }
+    }
+}

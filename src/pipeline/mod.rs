@@ -1,0 +1,152 @@
+//! The pipeline: opens the dedup store, the sink and the dead-letter
+//! producer, joins the consumer group, and drives batches through the
+//! write path until it is told to stop.
+//!
+//! - [`batch`]: one batch through the seven steps of the write path.
+//! - [`consumer`]: the Kafka consumer loop and rebalance handling.
+//! - [`retry`]: shutdown signalling and backoff.
+
+pub mod batch;
+pub mod consumer;
+pub mod retry;
+
+use std::sync::Arc;
+
+use rdkafka::error::KafkaError;
+use tracing::info;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, SinkConfig};
+use crate::dead_letter::DeadLetterProducer;
+use crate::dedup::{DedupStore, StoreError};
+use crate::failpoint::CrashPlan;
+use crate::sink::sqlite::SqliteSink;
+use crate::sink::{Sink, SinkError};
+use crate::telemetry::Metrics;
+use batch::BatchProcessor;
+use retry::{Backoff, Shutdown};
+
+/// Why the pipeline could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// How a run ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Shutdown was requested; the batch in flight was committed.
+    Stopped,
+    /// A [`CrashPlan`] stopped the run at this point, as a kill would.
+    Crashed(&'static str),
+}
+
+pub struct Pipeline {
+    config: Config,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    crash: Arc<CrashPlan>,
+    shutdown: Shutdown,
+}
+
+impl Pipeline {
+    pub fn new(config: Config) -> Self {
+        Pipeline {
+            config,
+            metrics: Arc::new(Metrics::new()),
+            clock: Arc::new(SystemClock),
+            crash: Arc::new(CrashPlan::none()),
+            shutdown: Shutdown::new(),
+        }
+    }
+
+    /// Uses this clock for the dedup window instead of the system clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Stops the run at a crash point, as a kill would.
+    pub fn with_crash_plan(mut self, plan: CrashPlan) -> Self {
+        self.crash = Arc::new(plan);
+        self
+    }
+
+    /// Counts into these metrics, e.g. to add up several runs.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// A handle that stops the run: the batch in flight finishes and
+    /// commits, then [`Pipeline::run`] returns.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Runs until shutdown. Blocking: call it from a thread of its own.
+    ///
+    /// # Errors
+    /// A [`PipelineError`] when a part cannot be opened, or the dedup store
+    /// fails in a way that retrying will not fix.
+    pub fn run(self) -> Result<RunEnd, PipelineError> {
+        for topic in self.config.topic_names() {
+            self.metrics.register_topic(topic);
+        }
+        let store = DedupStore::open(
+            &self.config.dedup.path,
+            self.config.dedup.window,
+            Arc::clone(&self.clock),
+        )?;
+        let Some(sink) = self.open_sink()? else {
+            return Ok(RunEnd::Stopped);
+        };
+        let dead_letters = DeadLetterProducer::new(&self.config)?;
+        let processor = BatchProcessor::new(
+            &self.config,
+            store,
+            sink,
+            dead_letters,
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.crash),
+            self.shutdown.clone(),
+        );
+        info!(
+            group = %self.config.kafka.group_id,
+            topics = ?self.config.topic_names(),
+            window_secs = self.config.dedup.window.as_secs(),
+            "pipeline starting"
+        );
+        consumer::run(&self.config, processor, &self.metrics, &self.shutdown)
+    }
+
+    /// Opens the sink, waiting out a locked or unreachable one. `None`
+    /// when shutdown came first.
+    fn open_sink(&self) -> Result<Option<Box<dyn Sink>>, PipelineError> {
+        let mut backoff = Backoff::new(self.config.retry);
+        loop {
+            let opened = match &self.config.sink {
+                SinkConfig::Sqlite(c) => SqliteSink::open(c).map(|s| Box::new(s) as Box<dyn Sink>),
+            };
+            match opened {
+                Ok(sink) => return Ok(Some(sink)),
+                Err(e @ SinkError::Unavailable(_)) => {
+                    tracing::warn!(error = %e, "sink unavailable at start-up; retrying");
+                    if self.shutdown.sleep(backoff.next_delay()) {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The sink contract, and the sinks that implement it.
+//!
+//! A sink applies a batch of new records and returns only when the batch
+//! is durable. It must be idempotent (applying the same record twice
+//! leaves the same state) and, in upsert mode, monotonic (a record with an
+//! older version than the row holds changes nothing). Together these make
+//! a crash between the sink write and the dedup write harmless: the replay
+//! writes the same thing again.
+
+pub mod sqlite;
+
+use serde_json::Value;
+
+use crate::record::{IdemKey, Offset, Partition};
+
+/// One record to apply.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkWrite<'a> {
+    pub topic: &'a str,
+    pub partition: Partition,
+    pub offset: Offset,
+    pub key: &'a IdemKey,
+    pub body: &'a Value,
+    /// The payload exactly as it arrived.
+    pub raw: &'a [u8],
+}
+
+/// What the sink did with one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The record's effect is in the sink now.
+    Applied,
+    /// The sink holds a newer version of this entity; nothing changed.
+    Stale,
+    /// The sink already held this idempotency key (insert mode); nothing
+    /// changed. Seen after a crash between sink and dedup write, or when a
+    /// key comes back after its dedup window.
+    AlreadyPresent,
+    /// The sink refused this record as invalid; it can never succeed and
+    /// is dead-lettered with this reason.
+    Rejected(String),
+}
+
+/// A failure of the whole batch. Nothing is dead-lettered for it: the
+/// batch is retried with backoff until it succeeds or idem stops.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Expected to heal by itself: the file is locked, the server is down.
+    #[error("sink unavailable: {0}")]
+    Unavailable(String),
+    /// Will not heal without an operator: missing table, read-only file,
+    /// wrong schema. Still retried, since the records are not at fault.
+    #[error("sink needs attention: {0}")]
+    NeedsOperator(String),
+}
+
+impl SinkError {
+    /// A fixed label for the retry metric.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            SinkError::Unavailable(_) => "unavailable",
+            SinkError::NeedsOperator(_) => "needs-operator",
+        }
+    }
+}
+
+/// A place where records take effect.
+pub trait Sink: Send {
+    /// Applies `batch` in order and returns one outcome per record, after
+    /// the applied records are durable.
+    ///
+    /// # Errors
+    /// A [`SinkError`] when the batch as a whole could not be written; none
+    /// of it may be taken as applied, and the caller retries it.
+    fn apply(&mut self, batch: &[SinkWrite<'_>]) -> Result<Vec<WriteOutcome>, SinkError>;
+}

@@ -1,0 +1,60 @@
+//! The binary's surface: bad config exits with code 2 and names the field;
+//! `idem demo --json` prints a summary that adds up.
+
+use std::process::Command;
+
+fn idem(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .output()
+        .expect("running idem")
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let out = idem(&["check-config", "--config", "config/idem.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn bad_config_exits_2_and_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string("config/idem.toml").unwrap();
+    let cases = [
+        ("window = \"7d\"", "window = \"a week\"", "window"),
+        ("version_column = \"ver\"", "version_column = \"id\"", "sink.table.version_column"),
+        ("group_id = \"idem\"", "group_id = \"\"", "kafka.group_id"),
+        ("[batch]", "[batch]\nmax_recrods = 5", "max_recrods"),
+    ];
+    for (from, to, field) in cases {
+        assert!(good.contains(from), "config/idem.toml lacks `{from}`");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, good.replace(from, to)).unwrap();
+        for command in ["run", "check-config"] {
+            let out = idem(&[command, "--config", path.to_str().unwrap()]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command} {to}: {stderr}");
+            assert!(stderr.contains(field), "{command} {to}: {stderr}");
+        }
+    }
+    let out = idem(&["run", "--config", "/nonexistent/idem.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/idem.toml"));
+}
+
+#[test]
+fn demo_json_adds_up_and_matches_the_sink() {
+    let out = idem(&["demo", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().last().expect("one JSON line");
+    let v: serde_json::Value = serde_json::from_str(line).expect("JSON summary");
+    let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("missing {k}: {v}"));
+    let sum = n("applied") + n("duplicate") + n("conflict") + n("stale") + n("dead_lettered")
+        + n("filtered");
+    assert_eq!(sum, n("read"));
+    assert_eq!(v["sink_matches_expected"], true);
+    assert!(n("duplicate") > 0 && n("conflict") == 1 && n("stale") >= 1);
+    assert!(n("dead_lettered") >= 2 && n("filtered") == 1);
+    assert_eq!(n("crashes"), 1);
+}

@@ -1,0 +1,560 @@
+//! Helpers for the suites that run against a real Kafka broker.
+//!
+//! The broker comes from `scripts/test.sh`, which starts Apache Kafka on
+//! 127.0.0.1 and exports `IDEM_KAFKA_BOOTSTRAP`. Every test makes its own
+//! topics and group, with names no other test uses.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem::clock::Clock;
+use idem::config::Config;
+use idem::failpoint::CrashPlan;
+use idem::outcome::Outcome;
+use idem::pipeline::retry::Shutdown;
+use idem::pipeline::{Pipeline, PipelineError, RunEnd};
+use idem::telemetry::Metrics;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::TopicPartitionList;
+
+pub fn bootstrap() -> String {
+    std::env::var("IDEM_KAFKA_BOOTSTRAP").expect(
+        "IDEM_KAFKA_BOOTSTRAP is not set: these tests need the real broker that \
+         scripts/test.sh starts; run the suites with scripts/test.sh",
+    )
+}
+
+/// A name no other test in this run uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_micros()
+    )
+}
+
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("admin client")
+}
+
+pub fn create_topic(name: &str, partitions: i32) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = rt
+        .block_on(admin().create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        ))
+        .expect("create_topics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+    // Wait until the new topic's metadata is served.
+    let consumer = plain_consumer(None);
+    wait_for(Duration::from_secs(30), "topic metadata", || {
+        consumer
+            .fetch_metadata(Some(name), Duration::from_secs(5))
+            .map(|m| m.topics().iter().any(|t| t.name() == name && t.partitions().len() == partitions as usize))
+            .unwrap_or(false)
+    });
+}
+
+/// One record to produce.
+#[derive(Clone, Debug, Default)]
+pub struct Rec {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Rec {
+    /// An order on `partition`, record key = id, header Idempotency-Key.
+    pub fn order(partition: i32, idem: &str, id: &str, ver: i64, qty: i64) -> Rec {
+        Rec {
+            partition,
+            key: Some(id.as_bytes().to_vec()),
+            value: Some(format!(r#"{{"id":"{id}","ver":{ver},"qty":{qty}}}"#).into_bytes()),
+            headers: vec![("Idempotency-Key".into(), Some(idem.as_bytes().to_vec()))],
+        }
+    }
+
+    pub fn with_value(mut self, value: &[u8]) -> Rec {
+        self.value = Some(value.to_vec());
+        self
+    }
+}
+
+pub fn producer() -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer")
+}
+
+pub fn produce(topic: &str, records: &[Rec]) {
+    let producer = producer();
+    produce_with(&producer, topic, records);
+}
+
+pub fn produce_with(producer: &BaseProducer, topic: &str, records: &[Rec]) {
+    for r in records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: v.as_deref(),
+            });
+        }
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic)
+            .partition(r.partition)
+            .headers(headers);
+        if let Some(k) = &r.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &r.value {
+            record = record.payload(v.as_slice());
+        }
+        let mut record = record;
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(50));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+}
+
+fn plain_consumer(group: Option<&str>) -> BaseConsumer {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap())
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    c.set("group.id", group.unwrap_or("idem-test-reader"));
+    c.create().expect("consumer")
+}
+
+/// The group's committed offset of each partition (-1 when none).
+pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer = plain_consumer(Some(group));
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    (0..partitions)
+        .map(|p| {
+            got.find_partition(topic, p)
+                .and_then(|e| e.offset().to_raw())
+                .unwrap_or(-1)
+        })
+        .collect()
+}
+
+pub fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer = plain_consumer(None);
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .collect()
+}
+
+/// Every record in a topic, read with a fresh assignment from the start.
+pub fn read_all(topic: &str, partitions: i32) -> Vec<OwnedMessage> {
+    let ends = end_offsets(topic, partitions);
+    let total: i64 = ends.iter().sum();
+    let consumer = plain_consumer(None);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (out.len() as i64) < total {
+        assert!(Instant::now() < deadline, "could not read {topic} to its end");
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            out.push(m.expect("read").detach());
+        }
+    }
+    out
+}
+
+pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+}
+
+/// Polls `condition` until it holds; panics with `what` after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Where a test's files and names live.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub topic: String,
+    pub dead_letter_topic: String,
+    pub group: String,
+    pub partitions: i32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    Upsert,
+    Insert,
+}
+
+impl Fixture {
+    /// Topic `orders.v1-…` with 2 partitions, its dead-letter topic, a group.
+    pub fn new(name: &str) -> Fixture {
+        Fixture::with_dead_letter_topic(name, true)
+    }
+
+    pub fn with_dead_letter_topic(name: &str, create_dead_letter: bool) -> Fixture {
+        let topic = unique(&format!("orders.v1-{name}"));
+        let f = Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            dead_letter_topic: format!("{topic}.dlq"),
+            group: unique(&format!("idem-test-{name}")),
+            topic,
+            partitions: 2,
+        };
+        create_topic(&f.topic, f.partitions);
+        if create_dead_letter {
+            create_topic(&f.dead_letter_topic, 1);
+        }
+        f
+    }
+
+    pub fn sink_path(&self) -> PathBuf {
+        self.dir.path().join("orders.db")
+    }
+
+    pub fn dedup_path(&self) -> PathBuf {
+        self.dir.path().join("dedup")
+    }
+
+    /// Config text; `extra` is appended (more tables or fields).
+    pub fn config_text(&self, mode: Mode, window: &str, extra: &str) -> String {
+        let table = match mode {
+            Mode::Upsert => {
+                r#"mode = "upsert"
+key_column = "id"
+version_column = "ver"
+columns = { id = "/id", ver = "/ver", qty = "/qty" }"#
+            }
+            Mode::Insert => {
+                r#"mode = "insert"
+columns = { id = "/id", qty = "/qty" }"#
+            }
+        };
+        format!(
+            r#"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+session_timeout_ms = 6000
+
+[[topics]]
+name = "{topic}"
+
+[batch]
+max_records = 200
+linger_ms = 20
+
+[dedup]
+path = "{dedup}"
+window = "{window}"
+
+[dead_letter]
+topic = "{dlq}"
+timeout_ms = 3000
+
+[retry]
+initial_backoff_ms = 50
+max_backoff_ms = 1000
+
+[metrics]
+listen = "127.0.0.1:{port}"
+
+[log]
+level = "info"
+
+[sink]
+kind = "sqlite"
+path = "{sink}"
+busy_timeout_ms = 500
+
+[sink.table]
+name = "orders"
+{table}
+{extra}
+"#,
+            bootstrap = bootstrap(),
+            group = self.group,
+            topic = self.topic,
+            dedup = self.dedup_path().display(),
+            dlq = self.dead_letter_topic,
+            sink = self.sink_path().display(),
+            port = free_port(),
+        )
+    }
+
+    pub fn config(&self, mode: Mode, window: &str) -> Config {
+        Config::parse(&self.config_text(mode, window, ""), Path::new("test.toml"))
+            .expect("test config")
+    }
+
+    pub fn write_config(&self, mode: Mode, window: &str) -> PathBuf {
+        let path = self.dir.path().join("idem.toml");
+        std::fs::write(&path, self.config_text(mode, window, "")).unwrap();
+        path
+    }
+
+    pub fn committed(&self) -> Vec<i64> {
+        committed(&self.group, &self.topic, self.partitions)
+    }
+
+    /// Waits until the group committed exactly `expected`.
+    pub fn wait_committed(&self, expected: &[i64]) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let last = self.committed();
+            if last == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "committed offsets {last:?}, expected {expected:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Rows of the upsert table: id -> (ver, qty).
+    pub fn rows(&self) -> BTreeMap<String, (i64, i64)> {
+        let conn = rusqlite::Connection::open(self.sink_path()).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT id, ver, qty FROM orders")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// Rows of the insert table: idempotency key -> (id, qty).
+    pub fn inserted(&self) -> BTreeMap<String, (String, i64)> {
+        let conn = rusqlite::Connection::open(self.sink_path()).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT idem_key, id, qty FROM orders")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A pipeline running in this process, on its own thread.
+pub struct Running {
+    pub metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    thread: std::thread::JoinHandle<Result<RunEnd, PipelineError>>,
+}
+
+impl Running {
+    pub fn start(config: Config) -> Running {
+        Running::start_with(Pipeline::new(config))
+    }
+
+    pub fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Running {
+        Running::start_with(Pipeline::new(config).with_clock(clock))
+    }
+
+    pub fn start_with_crash(config: Config, plan: CrashPlan) -> Running {
+        Running::start_with(Pipeline::new(config).with_crash_plan(plan))
+    }
+
+    pub fn start_with(pipeline: Pipeline) -> Running {
+        let metrics = pipeline.metrics();
+        let shutdown = pipeline.shutdown_handle();
+        let thread = std::thread::spawn(move || pipeline.run());
+        Running {
+            metrics,
+            shutdown,
+            thread,
+        }
+    }
+
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.metrics.outcome_total(outcome)
+    }
+
+    /// Waits until `n` records have been read and settled.
+    pub fn wait_read(&self, n: u64) {
+        wait_for(Duration::from_secs(90), &format!("{n} records read"), || {
+            self.metrics.read_total() >= n
+        });
+        assert_eq!(self.metrics.read_total(), n, "read more records than expected");
+    }
+
+    /// Stops cleanly and returns how the run ended.
+    pub fn stop(self) -> RunEnd {
+        self.shutdown.trigger();
+        self.thread.join().expect("pipeline panicked").expect("pipeline failed")
+    }
+
+    /// Waits for the run to end by itself (a planned crash).
+    pub fn join(self) -> RunEnd {
+        self.thread.join().expect("pipeline panicked").expect("pipeline failed")
+    }
+
+    /// I4: every outcome counted once, adding up to the records read.
+    pub fn assert_outcomes_add_up(&self) {
+        assert_outcomes_add_up(&self.metrics);
+    }
+}
+
+pub fn assert_outcomes_add_up(metrics: &Metrics) {
+    let sum: u64 = Outcome::ALL.iter().map(|o| metrics.outcome_total(*o)).sum();
+    assert_eq!(sum, metrics.read_total(), "outcomes must add up to records read");
+}
+
+/// The real `idem` binary, built with the `failpoints` feature.
+pub struct Binary {
+    pub child: Child,
+    pub metrics_port: u16,
+}
+
+impl Binary {
+    pub fn start(config: &Path, crash_at: Option<&str>) -> Binary {
+        let text = std::fs::read_to_string(config).unwrap();
+        let port: u16 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:"))
+            .and_then(|rest| rest.trim_end_matches('"').parse().ok())
+            .expect("config has a metrics.listen line");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        match crash_at {
+            Some(point) => cmd.env("IDEM_CRASH_AT", point),
+            None => cmd.env_remove("IDEM_CRASH_AT"),
+        };
+        Binary {
+            child: cmd.spawn().expect("spawning idem"),
+            metrics_port: port,
+        }
+    }
+
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "idem did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.wait(Duration::from_secs(60))
+    }
+
+    /// A metric's value summed over its series; None while the server is
+    /// not up yet.
+    pub fn metric(&self, name: &str, label: Option<&str>) -> Option<u64> {
+        let text = http_get(self.metrics_port, "/metrics")?;
+        Some(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+                .filter(|l| label.is_none_or(|lab| l.contains(lab)))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64,
+        )
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    Some(body.split_once("\r\n\r\n")?.1.to_string())
+}

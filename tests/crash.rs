@@ -1,0 +1,324 @@
+//! The real `idem` binary against the real Kafka broker, killed with
+//! SIGKILL: at each point of the write path (C2), at random moments of a
+//! long run, and held up by another process's SQLite lock (C11).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const READ: &str = "idem_records_read_total";
+
+fn records_read(bin: &Binary) -> u64 {
+    bin.metric(READ, None).unwrap_or(0)
+}
+
+fn outcome(bin: &Binary, outcome: &str) -> u64 {
+    bin.metric("idem_records_total", Some(&format!("outcome=\"{outcome}\"")))
+        .unwrap_or(0)
+}
+
+fn row_count(f: &Fixture) -> usize {
+    let conn = rusqlite::Connection::open(f.sink_path()).unwrap();
+    conn.query_row("SELECT count(*) FROM orders", [], |r| r.get::<_, i64>(0))
+        .unwrap_or(0) as usize
+}
+
+/// C2: SIGKILL (a) after the sink write, before the dedup write, (b) after
+/// the dedup write, before the offset commit, (c) in the middle of a sink
+/// batch; then restart. Three rows, p0 committed at 3, and no record
+/// counted as a duplicate that was never applied.
+#[test]
+fn c2_sigkill_at_each_point_of_the_write_path() {
+    for mode in [Mode::Upsert, Mode::Insert] {
+        for point in ["after-sink-write", "after-dead-letter", "after-dedup-write", "mid-sink-batch"] {
+            let f = Fixture::new(&format!("c2-{point}"));
+            produce(
+                &f.topic,
+                &[
+                    Rec::order(0, "K0", "ord-0", 1, 1),
+                    Rec::order(0, "K1", "ord-1", 1, 1),
+                    Rec::order(0, "K2", "ord-2", 1, 1),
+                ],
+            );
+            let config = f.write_config(mode, "7d");
+            let mut bin = Binary::start(&config, Some(point));
+            let status = bin.wait(Duration::from_secs(90));
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "{mode:?} {point}: {status:?}");
+            assert_eq!(f.committed(), vec![-1, -1], "{point}: committed before the kill");
+            let applied_before_restart = row_count(&f);
+            let expected_before = if point == "mid-sink-batch" { 0 } else { 3 };
+            assert_eq!(applied_before_restart, expected_before, "{mode:?} {point}");
+
+            let mut bin = Binary::start(&config, None);
+            f.wait_committed(&[3, -1]);
+            wait_for(Duration::from_secs(30), "metrics of the restart", || records_read(&bin) == 3);
+            let duplicates = outcome(&bin, "duplicate");
+            let applied = outcome(&bin, "applied");
+            assert_eq!(duplicates + applied, 3, "{mode:?} {point}");
+            assert!(
+                duplicates as usize <= applied_before_restart,
+                "{mode:?} {point}: {duplicates} duplicates but {applied_before_restart} applied"
+            );
+            let expected_duplicates = match (point, mode) {
+                ("mid-sink-batch", _) => 0,
+                ("after-dedup-write", _) => 3,
+                // Upsert re-applies the same version; insert finds the key.
+                (_, Mode::Upsert) => 0,
+                (_, Mode::Insert) => 3,
+            };
+            assert_eq!(duplicates, expected_duplicates, "{mode:?} {point}");
+            assert!(bin.stop().success());
+            assert_eq!(row_count(&f), 3, "{mode:?} {point}");
+        }
+    }
+}
+
+/// Holds `BEGIN IMMEDIATE` on a SQLite file from another process.
+struct Locker(std::process::Child);
+
+impl Locker {
+    fn hold(path: &std::path::Path, secs: u64) -> Locker {
+        let script = format!(
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             print('locked', flush=True)\n\
+             time.sleep({secs})\n\
+             c.execute('COMMIT')\n"
+        );
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the lock holder");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+        Locker(child)
+    }
+
+    fn wait(mut self) {
+        assert!(self.0.wait().unwrap().success());
+    }
+}
+
+/// C11: another process holds the SQLite write lock for 3 s, then for
+/// 60 s, while p0@0..4 arrive. Short: 5 rows, no retries. Long: idem backs
+/// off, commits nothing and dead-letters nothing until the lock goes.
+#[test]
+fn c11_sqlite_locked_by_another_process() {
+    for (secs, busy_timeout_ms) in [(3, 5_000), (60, 500)] {
+        let f = Fixture::new(&format!("c11-{secs}s"));
+        let text = f
+            .config_text(Mode::Upsert, "7d", "")
+            .replace("busy_timeout_ms = 500", &format!("busy_timeout_ms = {busy_timeout_ms}"));
+        let config = f.dir.path().join("idem.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut bin = Binary::start(&config, None);
+        wait_for(Duration::from_secs(60), "idem to be up", || {
+            bin.metric("idem_build_info", None).is_some() && f.sink_path().exists()
+        });
+
+        let locker = Locker::hold(&f.sink_path(), secs);
+        let started = Instant::now();
+        produce(
+            &f.topic,
+            &(0..5)
+                .map(|n| Rec::order(0, &format!("K{n}"), &format!("ord-{n}"), 1, 1))
+                .collect::<Vec<_>>(),
+        );
+        if secs > 10 {
+            wait_for(Duration::from_secs(30), "sink retries", || {
+                bin.metric("idem_sink_retries_total", None).unwrap_or(0) >= 3
+            });
+            assert!(started.elapsed() < Duration::from_secs(secs), "lock ended too early");
+            assert_eq!(f.committed(), vec![-1, -1], "committed while the sink was locked");
+        }
+        locker.wait();
+        f.wait_committed(&[5, -1]);
+        assert_eq!(row_count(&f), 5);
+        assert_eq!(bin.metric("idem_dead_letters_total", None), Some(0));
+        let retries = bin.metric("idem_sink_retries_total", None).unwrap_or(0);
+        if secs < 10 {
+            assert_eq!(retries, 0, "a short lock is waited out by busy_timeout");
+        } else {
+            assert!(retries >= 3);
+        }
+        assert!(bin.stop().success());
+        assert!(read_all(&f.dead_letter_topic, 1).is_empty());
+    }
+}
+
+/// A generated stream and what it must leave in the sink.
+struct Stream {
+    records: Vec<Rec>,
+    /// upsert: id -> (ver, qty)
+    rows: BTreeMap<String, (i64, i64)>,
+    /// insert: idempotency key -> (id, qty)
+    inserted: BTreeMap<String, (String, i64)>,
+    duplicates: usize,
+}
+
+/// A fifth duplicates (some re-serialised, some far from their first
+/// copy), some conflicts, some stale versions, some poison. Entities stay
+/// on one partition, as a producer partitioning by entity key does.
+fn stream(total: usize, partitions: i32) -> Stream {
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let entities = (total / 4).max(1) as u64;
+    let mut versions: HashMap<u64, i64> = HashMap::new();
+    let mut sent: Vec<(i32, String, String, i64, i64)> = Vec::new();
+    let mut records = Vec::with_capacity(total);
+    let mut duplicates = 0;
+    let body = |id: &str, ver: i64, qty: i64, pad: &str| {
+        format!(r#"{{"id":"{id}","ver":{ver},"qty":{qty},"note":"{pad}"}}"#)
+    };
+    let pad = "x".repeat(120);
+    while records.len() < total {
+        let roll = next(1000);
+        if roll < 200 && !sent.is_empty() {
+            // Duplicate of any earlier event, often far back, re-serialised.
+            let (p, idem, id, ver, qty) = sent[next(sent.len() as u64) as usize].clone();
+            let value = format!(
+                "{{ \"qty\": {qty}, \"note\": \"{pad}\",\n \"ver\": {ver}, \"id\": \"{id}\" }}"
+            );
+            let mut r = Rec::order(p, &idem, &id, ver, qty);
+            r.value = Some(value.into_bytes());
+            records.push(r);
+            duplicates += 1;
+        } else if roll < 210 && !sent.is_empty() {
+            // Conflict: an earlier key with another body.
+            let (p, idem, id, ver, qty) = sent[next(sent.len() as u64) as usize].clone();
+            records.push(Rec::order(p, &idem, &id, ver, qty + 1_000).with_value(
+                body(&id, ver, qty + 1_000, &pad).as_bytes(),
+            ));
+        } else if roll < 230 && !sent.is_empty() {
+            // Stale: an older version under a new key.
+            let (p, _, id, ver, _) = sent[next(sent.len() as u64) as usize].clone();
+            let idem = format!("late-{}", records.len());
+            let old = ver - 1;
+            records.push(Rec::order(p, &idem, &id, old, 7).with_value(body(&id, old, 7, &pad).as_bytes()));
+        } else if roll < 235 {
+            let p = next(partitions as u64) as i32;
+            records.push(Rec::order(p, &format!("poison-{}", records.len()), "x", 1, 1).with_value(b"{\"id\":"));
+        } else {
+            let e = next(entities);
+            let ver = versions.entry(e).or_insert(0);
+            *ver += 1;
+            let id = format!("ord-{e}");
+            let p = (e % partitions as u64) as i32;
+            let idem = format!("{id}-v{ver}");
+            let qty = next(100) as i64;
+            records.push(Rec::order(p, &idem, &id, *ver, qty).with_value(body(&id, *ver, qty, &pad).as_bytes()));
+            sent.push((p, idem, id, *ver, qty));
+        }
+    }
+
+    // The model: per partition in order, first body per key wins, the
+    // newest version per entity wins.
+    let mut rows = BTreeMap::new();
+    let mut inserted = BTreeMap::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for p in 0..partitions {
+        for r in records.iter().filter(|r| r.partition == p) {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(r.value.as_ref().unwrap()) else {
+                continue;
+            };
+            let idem = String::from_utf8(r.headers[0].1.clone().unwrap()).unwrap();
+            let id = v["id"].as_str().unwrap().to_string();
+            let (ver, qty) = (v["ver"].as_i64().unwrap(), v["qty"].as_i64().unwrap());
+            let canon = format!("{id}/{ver}/{qty}");
+            match seen.get(&idem) {
+                Some(_) => continue,
+                None => {
+                    seen.insert(idem.clone(), canon);
+                }
+            }
+            inserted.insert(idem, (id.clone(), qty));
+            let row = rows.entry(id).or_insert((ver, qty));
+            if ver >= row.0 {
+                *row = (ver, qty);
+            }
+        }
+    }
+    Stream {
+        records,
+        rows,
+        inserted,
+        duplicates,
+    }
+}
+
+/// The acceptance run of the core: a stream with duplicates, conflicts,
+/// stale versions and poison, and idem killed with SIGKILL several times
+/// during the run, ends with exactly the expected rows in both sink modes
+/// and the committed offsets at the end of each partition.
+///
+/// IDEM_SOAK_RECORDS (default 20000) and IDEM_SOAK_KILLS (default 5) set
+/// the size; scripts/crash-soak.sh runs it with 100000.
+#[test]
+fn sigkill_during_a_long_run_ends_exactly_right() {
+    let total: usize = std::env::var("IDEM_SOAK_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let kills: usize = std::env::var("IDEM_SOAK_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let s = stream(total, 2);
+    for mode in [Mode::Upsert, Mode::Insert] {
+        let f = Fixture::new(&format!("soak-{mode:?}").to_lowercase());
+        produce(&f.topic, &s.records);
+        let ends = end_offsets(&f.topic, 2);
+        let config = f.write_config(mode, "7d");
+
+        let started = Instant::now();
+        let mut killed = 0;
+        let step = (total / (kills + 1) / 2).max(1) as u64;
+        for k in 0..kills {
+            let bin = Binary::start(&config, None);
+            let mut bin = bin;
+            wait_for(Duration::from_secs(120), "progress before a kill", || {
+                records_read(&bin) >= step
+            });
+            // Kill a little after the threshold, at a moment that varies.
+            std::thread::sleep(Duration::from_millis((k as u64 * 37) % 200));
+            bin.sigkill();
+            killed += 1;
+        }
+        let mut bin = Binary::start(&config, None);
+        let deadline = Duration::from_secs(600);
+        let wait_started = Instant::now();
+        while f.committed() != ends {
+            assert!(wait_started.elapsed() < deadline, "did not reach the end: {:?} vs {ends:?}", f.committed());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(bin.stop().success());
+        eprintln!(
+            "soak {mode:?}: {total} records ({} duplicates), {killed} SIGKILLs, {:.1} s",
+            s.duplicates,
+            started.elapsed().as_secs_f64()
+        );
+        match mode {
+            Mode::Upsert => assert!(f.rows() == s.rows, "upsert rows differ from the model"),
+            Mode::Insert => assert!(f.inserted() == s.inserted, "inserted rows differ from the model"),
+        }
+        assert_eq!(f.committed(), ends);
+    }
+}

@@ -1,0 +1,342 @@
+//! The pipeline in this process against the real Kafka broker: the happy
+//! path and the field cases of shared/CASES.md that need no kill.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use idem::clock::ManualClock;
+use idem::outcome::Outcome;
+use idem::pipeline::RunEnd;
+use rdkafka::Message;
+
+/// A stream with a fifth of its records redelivered ends with one row per
+/// order and every redelivery counted as a duplicate.
+#[test]
+fn happy_path_with_duplicates() {
+    let f = Fixture::new("happy");
+    let mut records = Vec::new();
+    for n in 0..100 {
+        let id = format!("ord-{n}");
+        let rec = Rec::order(n % 2, &format!("K{n}"), &id, 1, n as i64);
+        records.push(rec.clone());
+        if n % 5 == 0 {
+            // The same event again, re-serialised.
+            let body = format!("{{ \"qty\": {n}, \"id\": \"{id}\",  \"ver\": 1 }}");
+            records.push(rec.with_value(body.as_bytes()));
+        }
+    }
+    produce(&f.topic, &records);
+
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    run.wait_read(120);
+    f.wait_committed(&[60, 60]);
+    assert_eq!(run.count(Outcome::Applied), 100);
+    assert_eq!(run.count(Outcome::Duplicate), 20);
+    run.assert_outcomes_add_up();
+    assert_eq!(run.stop(), RunEnd::Stopped);
+
+    let rows = f.rows();
+    assert_eq!(rows.len(), 100);
+    assert_eq!(rows["ord-42"], (1, 42));
+}
+
+/// insert mode: one row per idempotency key; a redelivery adds nothing.
+#[test]
+fn insert_mode_keeps_one_row_per_key() {
+    let f = Fixture::new("insert");
+    let mut records = Vec::new();
+    for n in 0..30 {
+        let rec = Rec::order(n % 2, &format!("E{n}"), &format!("ord-{n}"), 1, n as i64);
+        records.push(rec.clone());
+        if n % 3 == 0 {
+            records.push(rec);
+        }
+    }
+    produce(&f.topic, &records);
+    let run = Running::start(f.config(Mode::Insert, "7d"));
+    run.wait_read(40);
+    assert_eq!(run.count(Outcome::Applied), 30);
+    assert_eq!(run.count(Outcome::Duplicate), 10);
+    run.assert_outcomes_add_up();
+    run.stop();
+    let rows = f.inserted();
+    assert_eq!(rows.len(), 30);
+    assert_eq!(rows["E7"], ("ord-7".to_string(), 7));
+}
+
+/// C3: after a clean stop, a restart with no new input re-reads nothing;
+/// the committed offset is last + 1, not last.
+#[test]
+fn c3_off_by_one_on_commit() {
+    let f = Fixture::new("c3");
+    produce(
+        &f.topic,
+        &[
+            Rec::order(0, "A0", "ord-0", 1, 1),
+            Rec::order(0, "A1", "ord-1", 1, 1),
+            Rec::order(0, "A2", "ord-2", 1, 1),
+            Rec::order(1, "B0", "ord-3", 1, 1),
+            Rec::order(1, "B1", "ord-4", 1, 1),
+        ],
+    );
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    run.wait_read(5);
+    assert_eq!(run.stop(), RunEnd::Stopped);
+    assert_eq!(f.committed(), vec![3, 2]);
+
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    produce(&f.topic, &[Rec::order(0, "A3", "ord-5", 1, 1)]);
+    run.wait_read(1);
+    f.wait_committed(&[4, 2]);
+    assert_eq!(run.count(Outcome::Duplicate), 0, "a record was re-read");
+    assert_eq!(run.count(Outcome::Applied), 1);
+    run.assert_outcomes_add_up();
+    run.stop();
+}
+
+/// C4: a truncated JSON record goes to the dead-letter topic with its bytes
+/// and where it came from; the records around it and the other partition
+/// go on; a restart does not dead-letter it again.
+#[test]
+fn c4_poison_pill_is_dead_lettered_once() {
+    let f = Fixture::new("c4");
+    let poison = br#"{"id":"ord-2","qty":"#;
+    produce(
+        &f.topic,
+        &[
+            Rec::order(0, "K1", "ord-1", 1, 1),
+            Rec::order(0, "K2", "ord-2", 1, 1).with_value(poison),
+            Rec::order(0, "K3", "ord-3", 1, 1),
+            Rec::order(1, "K4", "ord-4", 1, 1),
+        ],
+    );
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    run.wait_read(4);
+    f.wait_committed(&[3, 1]);
+    assert_eq!(run.count(Outcome::DeadLettered), 1);
+    assert_eq!(run.count(Outcome::Applied), 3);
+    run.assert_outcomes_add_up();
+    run.stop();
+    assert_eq!(f.rows().len(), 3);
+
+    let letters = read_all(&f.dead_letter_topic, 1);
+    assert_eq!(letters.len(), 1);
+    let m = &letters[0];
+    assert_eq!(m.payload(), Some(&poison[..]));
+    assert_eq!(m.key(), Some(&b"ord-2"[..]));
+    assert_eq!(header(m, "Idempotency-Key"), Some(&b"K2"[..]));
+    assert_eq!(header(m, "idem.source.topic"), Some(f.topic.as_bytes()));
+    assert_eq!(header(m, "idem.source.partition"), Some(&b"0"[..]));
+    assert_eq!(header(m, "idem.source.offset"), Some(&b"1"[..]));
+    assert_eq!(header(m, "idem.reason"), Some(&b"invalid-json"[..]));
+    assert!(header(m, "idem.error").is_some_and(|e| !e.is_empty()));
+
+    // Restart with one more record: the poison pill is not read again.
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    produce(&f.topic, &[Rec::order(0, "K5", "ord-5", 1, 1)]);
+    run.wait_read(1);
+    f.wait_committed(&[4, 1]);
+    run.stop();
+    assert_eq!(read_all(&f.dead_letter_topic, 1).len(), 1);
+}
+
+/// C5: while the dead-letter topic is missing, the offset does not move
+/// and the failure is counted; once it exists, exactly one dead letter,
+/// then the commit. The malformed record is the last of its partition.
+#[test]
+fn c5_dead_letter_topic_missing_holds_the_offset() {
+    let f = Fixture::with_dead_letter_topic("c5", false);
+    produce(&f.topic, &[Rec::order(0, "K1", "ord-1", 1, 1).with_value(b"not json")]);
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    wait_for(Duration::from_secs(60), "a failed dead-letter write", || {
+        run.metrics.dead_letter_failures.get() >= 2
+    });
+    assert_eq!(f.committed(), vec![-1, -1], "offset moved without a dead letter");
+    assert_eq!(run.metrics.read_total(), 0);
+
+    create_topic(&f.dead_letter_topic, 1);
+    run.wait_read(1);
+    f.wait_committed(&[1, -1]);
+    assert_eq!(run.count(Outcome::DeadLettered), 1);
+    run.assert_outcomes_add_up();
+    run.stop();
+    assert_eq!(read_all(&f.dead_letter_topic, 1).len(), 1);
+
+    // Restart: the last record of the partition is not repeated.
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    produce(&f.topic, &[Rec::order(0, "K2", "ord-2", 1, 1)]);
+    run.wait_read(1);
+    f.wait_committed(&[2, -1]);
+    run.stop();
+    assert_eq!(read_all(&f.dead_letter_topic, 1).len(), 1);
+}
+
+/// C6: the same key with another body is a conflict and is dead-lettered;
+/// the same key with the same body, re-serialised, is a duplicate.
+#[test]
+fn c6_same_key_different_body_is_a_conflict() {
+    let f = Fixture::new("c6");
+    produce(
+        &f.topic,
+        &[
+            Rec::order(0, "K7", "ord-7", 1, 5),
+            Rec::order(0, "K7", "ord-7", 1, 50),
+            Rec::order(0, "K7", "ord-7", 1, 5)
+                .with_value(b"{ \"qty\":5,   \"ver\" : 1,\n\"id\":\"ord-7\" }"),
+        ],
+    );
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    run.wait_read(3);
+    f.wait_committed(&[3, -1]);
+    assert_eq!(run.count(Outcome::Applied), 1);
+    assert_eq!(run.count(Outcome::Conflict), 1);
+    assert_eq!(run.count(Outcome::Duplicate), 1);
+    run.assert_outcomes_add_up();
+    run.stop();
+    assert_eq!(f.rows()["ord-7"], (1, 5));
+    let letters = read_all(&f.dead_letter_topic, 1);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(header(&letters[0], "idem.reason"), Some(&b"conflict"[..]));
+    assert_eq!(header(&letters[0], "idem.source.offset"), Some(&b"1"[..]));
+}
+
+/// C7: with a 10 s window, K9 seen again at 15 s is new, whether or not a
+/// compaction ran in between; after a restart, a key inside its window is
+/// still a duplicate.
+#[test]
+fn c7_window_expiry_does_not_wait_for_compaction() {
+    for compact in [false, true] {
+        let f = Fixture::new(if compact { "c7-compact" } else { "c7" });
+        let clock = ManualClock::new(1_700_000_000_000);
+        let run = Running::start_with_clock(f.config(Mode::Insert, "10s"), Arc::new(clock.clone()));
+        produce(&f.topic, &[Rec::order(0, "K9", "ord-9", 1, 1)]);
+        run.wait_read(1);
+        assert_eq!(run.stop(), RunEnd::Stopped);
+
+        clock.advance(Duration::from_secs(15));
+        if compact {
+            let store = idem::dedup::DedupStore::open(
+                &f.dedup_path(),
+                Duration::from_secs(10),
+                Arc::new(clock.clone()),
+            )
+            .unwrap();
+            store.compact();
+            assert_eq!(store.estimated_keys(), 0, "the compaction filter kept an expired key");
+        }
+        // Remove the row, so that "new" shows as a fresh insert.
+        rusqlite::Connection::open(f.sink_path())
+            .unwrap()
+            .execute("DELETE FROM orders", [])
+            .unwrap();
+
+        let run = Running::start_with_clock(f.config(Mode::Insert, "10s"), Arc::new(clock.clone()));
+        produce(&f.topic, &[Rec::order(0, "K9", "ord-9", 1, 1)]);
+        run.wait_read(1);
+        assert_eq!(run.count(Outcome::Applied), 1, "compact={compact}: K9 at 15 s must be new");
+        run.stop();
+
+        // Inside the window after a restart: still a duplicate.
+        clock.advance(Duration::from_secs(5));
+        let run = Running::start_with_clock(f.config(Mode::Insert, "10s"), Arc::new(clock.clone()));
+        produce(&f.topic, &[Rec::order(0, "K9", "ord-9", 1, 1)]);
+        run.wait_read(1);
+        assert_eq!(run.count(Outcome::Duplicate), 1, "compact={compact}");
+        run.assert_outcomes_add_up();
+        run.stop();
+    }
+}
+
+/// C8 on SQLite: a late older version is stale; wiping the dedup store and
+/// replaying from offset 0 never moves the row backwards.
+#[test]
+fn c8_stale_record_on_replay_never_regresses() {
+    let f = Fixture::new("c8");
+    produce(
+        &f.topic,
+        &[
+            Rec::order(0, "V1", "ord-10", 1, 1),
+            Rec::order(0, "V3", "ord-10", 3, 3),
+            Rec::order(0, "V2", "ord-10", 2, 2),
+        ],
+    );
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    run.wait_read(3);
+    assert_eq!(run.count(Outcome::Stale), 1);
+    assert_eq!(run.count(Outcome::Applied), 2);
+    run.stop();
+    assert_eq!(f.rows()["ord-10"], (3, 3));
+
+    // Wipe the dedup store and replay from offset 0 (a new group starts at
+    // the earliest offset).
+    std::fs::remove_dir_all(f.dedup_path()).unwrap();
+    let mut config = f.config(Mode::Upsert, "7d");
+    config.kafka.group_id = unique("idem-test-c8-replay");
+    let run = Running::start(config);
+    run.wait_read(3);
+    assert_eq!(f.rows()["ord-10"], (3, 3));
+    assert_eq!(run.count(Outcome::Stale), 2, "ver 1 and ver 2 are older than 3");
+    assert_eq!(run.count(Outcome::Applied), 1, "ver 3 re-applied as itself");
+    run.assert_outcomes_add_up();
+    run.stop();
+}
+
+/// C13: tombstones, null keys, bytes that are not UTF-8. No panic, one
+/// documented rule each, every record counted, the partition committed.
+#[test]
+fn c13_tombstones_null_keys_and_bad_bytes() {
+    let f = Fixture::new("c13");
+    let idem = |k: &[u8]| vec![("Idempotency-Key".to_string(), Some(k.to_vec()))];
+    let records = vec![
+        Rec::order(0, "K18", "ord-18", 1, 1),
+        // A tombstone for ord-18: filtered, the row stays.
+        Rec { partition: 0, key: Some(b"ord-18".to_vec()), value: None, headers: vec![] },
+        // No record key, but a key header and a valid body: applied.
+        Rec {
+            partition: 0,
+            key: None,
+            value: Some(br#"{"id":"ord-19","ver":1,"qty":1}"#.to_vec()),
+            headers: idem(b"K19"),
+        },
+        // A raw 0xE9 byte inside a JSON string: invalid JSON.
+        Rec {
+            partition: 0,
+            key: Some(b"ord-20".to_vec()),
+            value: Some(b"{\"id\":\"ord-20\",\"ver\":1,\"name\":\"caf\xe9\"}".to_vec()),
+            headers: idem(b"K20"),
+        },
+        // An idempotency header that is not UTF-8: bad key.
+        Rec {
+            partition: 0,
+            key: Some(b"ord-21".to_vec()),
+            value: Some(br#"{"id":"ord-21","ver":1,"qty":1}"#.to_vec()),
+            headers: idem(b"K\xff21"),
+        },
+        // Key, value and headers all null: empty.
+        Rec { partition: 0, key: None, value: None, headers: vec![] },
+    ];
+    produce(&f.topic, &records);
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    run.wait_read(6);
+    f.wait_committed(&[6, -1]);
+    assert_eq!(run.count(Outcome::Applied), 2);
+    assert_eq!(run.count(Outcome::Filtered), 1);
+    assert_eq!(run.count(Outcome::DeadLettered), 3);
+    run.assert_outcomes_add_up();
+    run.stop();
+
+    let rows = f.rows();
+    assert!(rows.contains_key("ord-18") && rows.contains_key("ord-19"));
+    let letters = read_all(&f.dead_letter_topic, 1);
+    let reasons: Vec<_> = letters
+        .iter()
+        .map(|m| String::from_utf8(header(m, "idem.reason").unwrap().to_vec()).unwrap())
+        .collect();
+    assert_eq!(reasons, ["invalid-json", "bad-key", "empty"]);
+    assert_eq!(letters[0].payload(), records[3].value.as_deref(), "original bytes");
+    assert_eq!(header(&letters[1], "Idempotency-Key"), Some(&b"K\xff21"[..]));
+    assert!(letters[2].payload().is_none() && letters[2].key().is_none());
+}
