@@ -128,14 +128,14 @@ pub enum KeySource {
     /// A record header; its value must be UTF-8.
     Header { name: String },
     /// The Kafka record key; it must be UTF-8.
-    RecordKey,
+    RecordKey {},
     /// One or more JSON pointers into the payload. One pointer gives the
     /// value itself; several give a JSON array of the values, so that
     /// `["a:b","c"]` and `["a","b:c"]` never collide.
     Pointers { pointers: Vec<String> },
     /// A hash of the canonical payload: identical events are duplicates,
     /// and no two different bodies can conflict.
-    PayloadHash,
+    PayloadHash {},
 }
 
 impl Default for KeySource {

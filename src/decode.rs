@@ -164,14 +164,14 @@ fn extract_key(
             })?;
             utf8_key(bytes, &format!("`{name}` header"))
         }
-        KeySource::RecordKey => {
+        KeySource::RecordKey {} => {
             let bytes = record.key.as_deref().ok_or_else(|| {
                 invalid(DeadLetterReason::MissingKey, "record key is null")
             })?;
             utf8_key(bytes, "record key")
         }
         KeySource::Pointers { pointers } => pointer_key(body, pointers),
-        KeySource::PayloadHash => Ok(IdemKey(format!("sha:{}", fingerprint.to_hex()))),
+        KeySource::PayloadHash {} => Ok(IdemKey(format!("xxh3:{}", fingerprint.to_hex()))),
     }
 }
 

@@ -99,8 +99,10 @@ impl Summary {
         println!("outcomes add up to read: {}", yes(sum == self.read));
         println!("sink matches expected:   {}", yes(self.sink_matches_expected));
         println!(
-            "(read counts records read again after the crash: their batch was never \
-             committed, so they came back and were recognised)"
+            "(counts are taken when a batch commits: the batch stopped by the crash was \
+             counted once, when the restart read it again; its sink writes had already \
+             happened, so records whose entity had meanwhile reached a newer version \
+             count as stale)"
         );
     }
 }

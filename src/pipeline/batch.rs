@@ -223,6 +223,9 @@ impl BatchProcessor {
             }
             .emit(&self.metrics);
         }
+        self.metrics
+            .dedup_keys
+            .set(i64::try_from(self.store.estimated_keys()).unwrap_or(i64::MAX));
         Telemetry::BatchCommitted {
             records: records.len(),
             elapsed: started.elapsed(),

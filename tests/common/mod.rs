@@ -175,9 +175,10 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
         .expect("committed offsets");
     (0..partitions)
         .map(|p| {
-            got.find_partition(topic, p)
-                .and_then(|e| e.offset().to_raw())
-                .unwrap_or(-1)
+            match got.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => -1,
+            }
         })
         .collect()
 }
@@ -490,7 +491,10 @@ impl Binary {
         cmd.arg("run")
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("IDEM_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         match crash_at {
