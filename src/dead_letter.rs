@@ -89,7 +89,10 @@ impl DeadLetterProducer {
             .set("message.timeout.ms", timeout_ms.to_string())
             // A topic that does not exist should fail fast, not wait out
             // the whole delivery timeout.
-            .set("topic.metadata.propagation.max.ms", timeout_ms.min(5_000).to_string());
+            .set(
+                "topic.metadata.propagation.max.ms",
+                timeout_ms.min(5_000).to_string(),
+            );
         let producer = client.create_with_context(DeliveryContext {
             failures: Mutex::new(Vec::new()),
         })?;

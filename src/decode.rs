@@ -160,14 +160,18 @@ fn extract_key(
                 invalid(DeadLetterReason::MissingKey, format!("no `{name}` header"))
             })?;
             let bytes = header.value.as_deref().ok_or_else(|| {
-                invalid(DeadLetterReason::MissingKey, format!("`{name}` header is null"))
+                invalid(
+                    DeadLetterReason::MissingKey,
+                    format!("`{name}` header is null"),
+                )
             })?;
             utf8_key(bytes, &format!("`{name}` header"))
         }
         KeySource::RecordKey {} => {
-            let bytes = record.key.as_deref().ok_or_else(|| {
-                invalid(DeadLetterReason::MissingKey, "record key is null")
-            })?;
+            let bytes = record
+                .key
+                .as_deref()
+                .ok_or_else(|| invalid(DeadLetterReason::MissingKey, "record key is null"))?;
             utf8_key(bytes, "record key")
         }
         KeySource::Pointers { pointers } => pointer_key(body, pointers),
@@ -209,7 +213,10 @@ fn pointer_key(body: &Value, pointers: &[String]) -> Result<IdemKey, Decoded> {
         [single] => single.to_string(),
         many => {
             let mut out = Vec::new();
-            write_canonical(&Value::Array(many.iter().map(|v| (*v).clone()).collect()), &mut out);
+            write_canonical(
+                &Value::Array(many.iter().map(|v| (*v).clone()).collect()),
+                &mut out,
+            );
             String::from_utf8(out).expect("canonical JSON is UTF-8")
         }
     };
@@ -301,8 +308,7 @@ mod tests {
     #[test]
     fn header_key_is_used() {
         let r = record(Some(br#"{"id":1}"#), None, idem(b"K1"));
-        let Decoded::Event(e) = decode(&r, &KeySource::default(), &LimitsConfig::default())
-        else {
+        let Decoded::Event(e) = decode(&r, &KeySource::default(), &LimitsConfig::default()) else {
             panic!("expected an event");
         };
         assert_eq!(e.key.0, "K1");
@@ -386,10 +392,14 @@ mod tests {
         let deep = "[".repeat(100_000);
         let r = record(Some(deep.as_bytes()), None, idem(b"K"));
         assert_eq!(
-            reason(&decode(&r, &KeySource::default(), &LimitsConfig {
-                max_record_bytes: 1 << 20,
-                ..LimitsConfig::default()
-            })),
+            reason(&decode(
+                &r,
+                &KeySource::default(),
+                &LimitsConfig {
+                    max_record_bytes: 1 << 20,
+                    ..LimitsConfig::default()
+                }
+            )),
             Some(DeadLetterReason::InvalidJson)
         );
     }

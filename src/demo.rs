@@ -67,7 +67,11 @@ impl Summary {
 
     /// Outcomes add up to the records read, and the sink is right.
     pub fn is_consistent(&self) -> bool {
-        self.applied + self.duplicate + self.conflict + self.stale + self.dead_lettered
+        self.applied
+            + self.duplicate
+            + self.conflict
+            + self.stale
+            + self.dead_lettered
             + self.filtered
             == self.read
             && self.sink_matches_expected
@@ -97,7 +101,10 @@ impl Summary {
             + self.dead_lettered
             + self.filtered;
         println!("outcomes add up to read: {}", yes(sum == self.read));
-        println!("sink matches expected:   {}", yes(self.sink_matches_expected));
+        println!(
+            "sink matches expected:   {}",
+            yes(self.sink_matches_expected)
+        );
         println!(
             "(counts are taken when a batch commits: the batch stopped by the crash was \
              counted once, when the restart read it again; its sink writes had already \
@@ -126,9 +133,11 @@ struct Produced {
 fn stream() -> (Vec<Produced>, BTreeMap<String, (i64, i64)>) {
     let mut events = Vec::new();
     let mut expected = BTreeMap::new();
-    let order = |id: &str, ver: i64, qty: i64| format!(r#"{{"id":"{id}","ver":{ver},"qty":{qty}}}"#);
-    let reordered =
-        |id: &str, ver: i64, qty: i64| format!("{{ \"qty\": {qty},\n  \"ver\": {ver}, \"id\": \"{id}\" }}");
+    let order =
+        |id: &str, ver: i64, qty: i64| format!(r#"{{"id":"{id}","ver":{ver},"qty":{qty}}}"#);
+    let reordered = |id: &str, ver: i64, qty: i64| {
+        format!("{{ \"qty\": {qty},\n  \"ver\": {ver}, \"id\": \"{id}\" }}")
+    };
     for n in 0..ORDERS {
         let id = format!("ord-{n}");
         let qty = i64::from(n % 7 + 1);

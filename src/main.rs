@@ -15,7 +15,11 @@ use idem::telemetry::{logging, server};
 const EXIT_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "idem", version, about = "Exactly-once effects from a Kafka topic")]
+#[command(
+    name = "idem",
+    version,
+    about = "Exactly-once effects from a Kafka topic"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -13,7 +13,11 @@ fn idem(args: &[&str]) -> std::process::Output {
 #[test]
 fn shipped_config_is_valid() {
     let out = idem(&["check-config", "--config", "config/idem.toml"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -22,7 +26,11 @@ fn bad_config_exits_2_and_names_the_field() {
     let good = std::fs::read_to_string("config/idem.toml").unwrap();
     let cases = [
         ("window = \"7d\"", "window = \"a week\"", "window"),
-        ("version_column = \"ver\"", "version_column = \"id\"", "sink.table.version_column"),
+        (
+            "version_column = \"ver\"",
+            "version_column = \"id\"",
+            "sink.table.version_column",
+        ),
         ("group_id = \"idem\"", "group_id = \"\"", "kafka.group_id"),
         ("[batch]", "[batch]\nmax_recrods = 5", "max_recrods"),
     ];
@@ -46,11 +54,19 @@ fn bad_config_exits_2_and_names_the_field() {
 fn demo_json_adds_up_and_matches_the_sink() {
     let out = idem(&["demo", "--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = stdout.lines().last().expect("one JSON line");
     let v: serde_json::Value = serde_json::from_str(line).expect("JSON summary");
     let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("missing {k}: {v}"));
-    let sum = n("applied") + n("duplicate") + n("conflict") + n("stale") + n("dead_lettered")
+    let sum = n("applied")
+        + n("duplicate")
+        + n("conflict")
+        + n("stale")
+        + n("dead_lettered")
         + n("filtered");
     assert_eq!(sum, n("read"));
     assert_eq!(v["sink_matches_expected"], true);

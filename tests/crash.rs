@@ -19,8 +19,11 @@ fn records_read(bin: &Binary) -> u64 {
 }
 
 fn outcome(bin: &Binary, outcome: &str) -> u64 {
-    bin.metric("idem_records_total", Some(&format!("outcome=\"{outcome}\"")))
-        .unwrap_or(0)
+    bin.metric(
+        "idem_records_total",
+        Some(&format!("outcome=\"{outcome}\"")),
+    )
+    .unwrap_or(0)
 }
 
 fn row_count(f: &Fixture) -> usize {
@@ -36,7 +39,12 @@ fn row_count(f: &Fixture) -> usize {
 #[test]
 fn c2_sigkill_at_each_point_of_the_write_path() {
     for mode in [Mode::Upsert, Mode::Insert] {
-        for point in ["after-sink-write", "after-dead-letter", "after-dedup-write", "mid-sink-batch"] {
+        for point in [
+            "after-sink-write",
+            "after-dead-letter",
+            "after-dedup-write",
+            "mid-sink-batch",
+        ] {
             let f = Fixture::new(&format!("c2-{point}"));
             produce(
                 &f.topic,
@@ -49,15 +57,25 @@ fn c2_sigkill_at_each_point_of_the_write_path() {
             let config = f.write_config(mode, "7d");
             let mut bin = Binary::start(&config, Some(point));
             let status = bin.wait(Duration::from_secs(90));
-            assert_eq!(status.signal(), Some(libc::SIGKILL), "{mode:?} {point}: {status:?}");
-            assert_eq!(f.committed(), vec![-1, -1], "{point}: committed before the kill");
+            assert_eq!(
+                status.signal(),
+                Some(libc::SIGKILL),
+                "{mode:?} {point}: {status:?}"
+            );
+            assert_eq!(
+                f.committed(),
+                vec![-1, -1],
+                "{point}: committed before the kill"
+            );
             let applied_before_restart = row_count(&f);
             let expected_before = if point == "mid-sink-batch" { 0 } else { 3 };
             assert_eq!(applied_before_restart, expected_before, "{mode:?} {point}");
 
             let mut bin = Binary::start(&config, None);
             f.wait_committed(&[3, -1]);
-            wait_for(Duration::from_secs(30), "metrics of the restart", || records_read(&bin) == 3);
+            wait_for(Duration::from_secs(30), "metrics of the restart", || {
+                records_read(&bin) == 3
+            });
             let duplicates = outcome(&bin, "duplicate");
             let applied = outcome(&bin, "applied");
             assert_eq!(duplicates + applied, 3, "{mode:?} {point}");
@@ -119,9 +137,10 @@ impl Locker {
 fn c11_sqlite_locked_by_another_process() {
     for (secs, busy_timeout_ms) in [(3, 5_000), (60, 500)] {
         let f = Fixture::new(&format!("c11-{secs}s"));
-        let text = f
-            .config_text(Mode::Upsert, "7d", "")
-            .replace("busy_timeout_ms = 500", &format!("busy_timeout_ms = {busy_timeout_ms}"));
+        let text = f.config_text(Mode::Upsert, "7d", "").replace(
+            "busy_timeout_ms = 500",
+            &format!("busy_timeout_ms = {busy_timeout_ms}"),
+        );
         let config = f.dir.path().join("idem.toml");
         std::fs::write(&config, text).unwrap();
         let mut bin = Binary::start(&config, None);
@@ -141,8 +160,15 @@ fn c11_sqlite_locked_by_another_process() {
             wait_for(Duration::from_secs(30), "sink retries", || {
                 bin.metric("idem_sink_retries_total", None).unwrap_or(0) >= 3
             });
-            assert!(started.elapsed() < Duration::from_secs(secs), "lock ended too early");
-            assert_eq!(f.committed(), vec![-1, -1], "committed while the sink was locked");
+            assert!(
+                started.elapsed() < Duration::from_secs(secs),
+                "lock ended too early"
+            );
+            assert_eq!(
+                f.committed(),
+                vec![-1, -1],
+                "committed while the sink was locked"
+            );
         }
         locker.wait();
         f.wait_committed(&[5, -1]);
@@ -204,18 +230,24 @@ fn stream(total: usize, partitions: i32) -> Stream {
         } else if roll < 210 && !sent.is_empty() {
             // Conflict: an earlier key with another body.
             let (p, idem, id, ver, qty) = sent[next(sent.len() as u64) as usize].clone();
-            records.push(Rec::order(p, &idem, &id, ver, qty + 1_000).with_value(
-                body(&id, ver, qty + 1_000, &pad).as_bytes(),
-            ));
+            records.push(
+                Rec::order(p, &idem, &id, ver, qty + 1_000)
+                    .with_value(body(&id, ver, qty + 1_000, &pad).as_bytes()),
+            );
         } else if roll < 230 && !sent.is_empty() {
             // Stale: an older version under a new key.
             let (p, _, id, ver, _) = sent[next(sent.len() as u64) as usize].clone();
             let idem = format!("late-{}", records.len());
             let old = ver - 1;
-            records.push(Rec::order(p, &idem, &id, old, 7).with_value(body(&id, old, 7, &pad).as_bytes()));
+            records.push(
+                Rec::order(p, &idem, &id, old, 7).with_value(body(&id, old, 7, &pad).as_bytes()),
+            );
         } else if roll < 235 {
             let p = next(partitions as u64) as i32;
-            records.push(Rec::order(p, &format!("poison-{}", records.len()), "x", 1, 1).with_value(b"{\"id\":"));
+            records.push(
+                Rec::order(p, &format!("poison-{}", records.len()), "x", 1, 1)
+                    .with_value(b"{\"id\":"),
+            );
         } else {
             let e = next(entities);
             let ver = versions.entry(e).or_insert(0);
@@ -224,7 +256,10 @@ fn stream(total: usize, partitions: i32) -> Stream {
             let p = (e % partitions as u64) as i32;
             let idem = format!("{id}-v{ver}");
             let qty = next(100) as i64;
-            records.push(Rec::order(p, &idem, &id, *ver, qty).with_value(body(&id, *ver, qty, &pad).as_bytes()));
+            records.push(
+                Rec::order(p, &idem, &id, *ver, qty)
+                    .with_value(body(&id, *ver, qty, &pad).as_bytes()),
+            );
             sent.push((p, idem, id, *ver, qty));
         }
     }
@@ -236,7 +271,8 @@ fn stream(total: usize, partitions: i32) -> Stream {
     let mut seen: HashMap<String, String> = HashMap::new();
     for p in 0..partitions {
         for r in records.iter().filter(|r| r.partition == p) {
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(r.value.as_ref().unwrap()) else {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(r.value.as_ref().unwrap())
+            else {
                 continue;
             };
             let idem = String::from_utf8(r.headers[0].1.clone().unwrap()).unwrap();
@@ -306,7 +342,11 @@ fn sigkill_during_a_long_run_ends_exactly_right() {
         let deadline = Duration::from_secs(600);
         let wait_started = Instant::now();
         while f.committed() != ends {
-            assert!(wait_started.elapsed() < deadline, "did not reach the end: {:?} vs {ends:?}", f.committed());
+            assert!(
+                wait_started.elapsed() < deadline,
+                "did not reach the end: {:?} vs {ends:?}",
+                f.committed()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         assert!(bin.stop().success());
@@ -317,7 +357,10 @@ fn sigkill_during_a_long_run_ends_exactly_right() {
         );
         match mode {
             Mode::Upsert => assert!(f.rows() == s.rows, "upsert rows differ from the model"),
-            Mode::Insert => assert!(f.inserted() == s.inserted, "inserted rows differ from the model"),
+            Mode::Insert => assert!(
+                f.inserted() == s.inserted,
+                "inserted rows differ from the model"
+            ),
         }
         assert_eq!(f.committed(), ends);
     }

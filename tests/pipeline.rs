@@ -149,12 +149,21 @@ fn c4_poison_pill_is_dead_lettered_once() {
 #[test]
 fn c5_dead_letter_topic_missing_holds_the_offset() {
     let f = Fixture::with_dead_letter_topic("c5", false);
-    produce(&f.topic, &[Rec::order(0, "K1", "ord-1", 1, 1).with_value(b"not json")]);
+    produce(
+        &f.topic,
+        &[Rec::order(0, "K1", "ord-1", 1, 1).with_value(b"not json")],
+    );
     let run = Running::start(f.config(Mode::Upsert, "7d"));
-    wait_for(Duration::from_secs(60), "a failed dead-letter write", || {
-        run.metrics.dead_letter_failures.get() >= 2
-    });
-    assert_eq!(f.committed(), vec![-1, -1], "offset moved without a dead letter");
+    wait_for(
+        Duration::from_secs(60),
+        "a failed dead-letter write",
+        || run.metrics.dead_letter_failures.get() >= 2,
+    );
+    assert_eq!(
+        f.committed(),
+        vec![-1, -1],
+        "offset moved without a dead letter"
+    );
     assert_eq!(run.metrics.read_total(), 0);
 
     create_topic(&f.dead_letter_topic, 1);
@@ -225,7 +234,11 @@ fn c7_window_expiry_does_not_wait_for_compaction() {
             )
             .unwrap();
             store.compact();
-            assert_eq!(store.estimated_keys(), 0, "the compaction filter kept an expired key");
+            assert_eq!(
+                store.estimated_keys(),
+                0,
+                "the compaction filter kept an expired key"
+            );
         }
         // Remove the row, so that "new" shows as a fresh insert.
         rusqlite::Connection::open(f.sink_path())
@@ -236,7 +249,11 @@ fn c7_window_expiry_does_not_wait_for_compaction() {
         let run = Running::start_with_clock(f.config(Mode::Insert, "10s"), Arc::new(clock.clone()));
         produce(&f.topic, &[Rec::order(0, "K9", "ord-9", 1, 1)]);
         run.wait_read(1);
-        assert_eq!(run.count(Outcome::Applied), 1, "compact={compact}: K9 at 15 s must be new");
+        assert_eq!(
+            run.count(Outcome::Applied),
+            1,
+            "compact={compact}: K9 at 15 s must be new"
+        );
         run.stop();
 
         // Inside the window after a restart: still a duplicate.
@@ -278,7 +295,11 @@ fn c8_stale_record_on_replay_never_regresses() {
     let run = Running::start(config);
     run.wait_read(3);
     assert_eq!(f.rows()["ord-10"], (3, 3));
-    assert_eq!(run.count(Outcome::Stale), 2, "ver 1 and ver 2 are older than 3");
+    assert_eq!(
+        run.count(Outcome::Stale),
+        2,
+        "ver 1 and ver 2 are older than 3"
+    );
     assert_eq!(run.count(Outcome::Applied), 1, "ver 3 re-applied as itself");
     run.assert_outcomes_add_up();
     run.stop();
@@ -293,7 +314,12 @@ fn c13_tombstones_null_keys_and_bad_bytes() {
     let records = vec![
         Rec::order(0, "K18", "ord-18", 1, 1),
         // A tombstone for ord-18: filtered, the row stays.
-        Rec { partition: 0, key: Some(b"ord-18".to_vec()), value: None, headers: vec![] },
+        Rec {
+            partition: 0,
+            key: Some(b"ord-18".to_vec()),
+            value: None,
+            headers: vec![],
+        },
         // No record key, but a key header and a valid body: applied.
         Rec {
             partition: 0,
@@ -316,7 +342,12 @@ fn c13_tombstones_null_keys_and_bad_bytes() {
             headers: idem(b"K\xff21"),
         },
         // Key, value and headers all null: empty.
-        Rec { partition: 0, key: None, value: None, headers: vec![] },
+        Rec {
+            partition: 0,
+            key: None,
+            value: None,
+            headers: vec![],
+        },
     ];
     produce(&f.topic, &records);
     let run = Running::start(f.config(Mode::Upsert, "7d"));
@@ -336,7 +367,14 @@ fn c13_tombstones_null_keys_and_bad_bytes() {
         .map(|m| String::from_utf8(header(m, "idem.reason").unwrap().to_vec()).unwrap())
         .collect();
     assert_eq!(reasons, ["invalid-json", "bad-key", "empty"]);
-    assert_eq!(letters[0].payload(), records[3].value.as_deref(), "original bytes");
-    assert_eq!(header(&letters[1], "Idempotency-Key"), Some(&b"K\xff21"[..]));
+    assert_eq!(
+        letters[0].payload(),
+        records[3].value.as_deref(),
+        "original bytes"
+    );
+    assert_eq!(
+        header(&letters[1], "Idempotency-Key"),
+        Some(&b"K\xff21"[..])
+    );
     assert!(letters[2].payload().is_none() && letters[2].key().is_none());
 }

@@ -174,12 +174,11 @@ impl DedupStore {
             ColumnFamilyDescriptor::new(CF_DEDUP, dedup_opts),
             ColumnFamilyDescriptor::new(CF_PROGRESS, Options::default()),
         ];
-        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|source| {
-            StoreError::Open {
+        let db =
+            DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|source| StoreError::Open {
                 path: path.display().to_string(),
                 source,
-            }
-        })?;
+            })?;
         Ok(DedupStore { db, window, clock })
     }
 
@@ -248,7 +247,11 @@ impl DedupStore {
     ///
     /// # Errors
     /// A RocksDB read error.
-    pub fn progress(&self, topic: &str, partition: Partition) -> Result<Option<Offset>, StoreError> {
+    pub fn progress(
+        &self,
+        topic: &str,
+        partition: Partition,
+    ) -> Result<Option<Offset>, StoreError> {
         let bytes = self
             .db
             .get_cf(&self.cf(CF_PROGRESS), partition_prefix(topic, partition))?;
@@ -344,7 +347,10 @@ mod tests {
                 store.compact();
                 assert_eq!(store.estimated_keys(), 0, "filter should drop the key");
             }
-            assert!(store.lookup(&[&key]).unwrap()[0].is_none(), "compact={compact}");
+            assert!(
+                store.lookup(&[&key]).unwrap()[0].is_none(),
+                "compact={compact}"
+            );
         }
     }
 

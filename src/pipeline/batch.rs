@@ -59,10 +59,18 @@ pub enum BatchError {
 
 /// How one record will be handled.
 enum Plan {
-    New { event: Event, dedup: DedupKey },
+    New {
+        event: Event,
+        dedup: DedupKey,
+    },
     Duplicate,
-    Conflict { first_offset: Option<Offset> },
-    Invalid { reason: DeadLetterReason, detail: String },
+    Conflict {
+        first_offset: Option<Offset>,
+    },
+    Invalid {
+        reason: DeadLetterReason,
+        detail: String,
+    },
     Filtered,
 }
 
@@ -153,7 +161,9 @@ impl BatchProcessor {
                     i,
                     DeadLetterReason::Conflict,
                     match first_offset {
-                        Some(o) => format!("idempotency key first seen at offset {o} with another body"),
+                        Some(o) => {
+                            format!("idempotency key first seen at offset {o} with another body")
+                        }
                         None => "idempotency key seen with another body".to_string(),
                     },
                 )),
@@ -207,7 +217,10 @@ impl BatchProcessor {
         self.commit_offsets(committer, &progress);
 
         for (record, outcome) in records.iter().zip(&outcomes) {
-            self.metrics.records_read.with_label_values(&[&record.topic]).inc();
+            self.metrics
+                .records_read
+                .with_label_values(&[&record.topic])
+                .inc();
             self.metrics
                 .records
                 .with_label_values(&[&record.topic, outcome.as_str()])
@@ -372,7 +385,11 @@ impl BatchProcessor {
 
     fn wait(&self, backoff: &mut Backoff, error: &str) -> Result<(), BatchError> {
         let delay = backoff.next_delay();
-        tracing::warn!(error, attempt = backoff.attempt(), "dedup store busy; retrying");
+        tracing::warn!(
+            error,
+            attempt = backoff.attempt(),
+            "dedup store busy; retrying"
+        );
         if self.shutdown.sleep(delay) {
             Err(BatchError::Interrupted)
         } else {

@@ -166,9 +166,15 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("group.id", &config.kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", config.kafka.offset_reset.as_librdkafka())
+        .set(
+            "auto.offset.reset",
+            config.kafka.offset_reset.as_librdkafka(),
+        )
         .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", config.kafka.session_timeout_ms.to_string())
+        .set(
+            "session.timeout.ms",
+            config.kafka.session_timeout_ms.to_string(),
+        )
         .set("enable.partition.eof", "false");
     client
 }
@@ -192,8 +198,7 @@ pub fn run(
         engine: Arc::clone(&engine),
         metrics: Arc::clone(metrics),
     };
-    let consumer: BaseConsumer<IdemContext> =
-        client_config(config).create_with_context(context)?;
+    let consumer: BaseConsumer<IdemContext> = client_config(config).create_with_context(context)?;
     consumer.subscribe(&config.topic_names())?;
     let lock = || engine.lock().expect("engine lock poisoned");
 

@@ -182,16 +182,17 @@ impl SqliteSink {
             values.push(match column {
                 ColumnValue::Pointer(p) => json_to_sql(write.body.pointer(p)),
                 ColumnValue::IdempotencyKey => Sql::Text(write.key.0.clone()),
-                ColumnValue::Payload => {
-                    Sql::Text(String::from_utf8_lossy(write.raw).into_owned())
-                }
+                ColumnValue::Payload => Sql::Text(String::from_utf8_lossy(write.raw).into_owned()),
                 ColumnValue::Version => match self.version.as_ref().expect("upsert") {
                     VersionSource::KafkaOffset => Sql::Integer(write.offset.0),
-                    VersionSource::Pointer(p) => match write.body.pointer(p).and_then(Value::as_i64)
-                    {
-                        Some(v) => Sql::Integer(v),
-                        None => return Err(format!("version at {p} is missing or not an integer")),
-                    },
+                    VersionSource::Pointer(p) => {
+                        match write.body.pointer(p).and_then(Value::as_i64) {
+                            Some(v) => Sql::Integer(v),
+                            None => {
+                                return Err(format!("version at {p} is missing or not an integer"))
+                            }
+                        }
+                    }
                 },
             });
         }
@@ -347,7 +348,11 @@ mod tests {
         assert_eq!(apply(&mut sink, "b", r3), WriteOutcome::Applied);
         let r2 = r#"{"id":"ord-10","ver":2,"qty":2}"#;
         assert_eq!(apply(&mut sink, "c", r2), WriteOutcome::Stale);
-        assert_eq!(apply(&mut sink, "b", r3), WriteOutcome::Applied, "re-apply is a no-op");
+        assert_eq!(
+            apply(&mut sink, "b", r3),
+            WriteOutcome::Applied,
+            "re-apply is a no-op"
+        );
         let (ver, qty): (i64, i64) = sink
             .conn
             .query_row("SELECT ver, qty FROM orders WHERE id = 'ord-10'", [], |r| {

@@ -42,9 +42,17 @@ pub enum Event<'a> {
     },
     /// Kafka refused an offset commit. The records are durable in the sink
     /// and the dedup store, so a re-read counts them as duplicates.
-    OffsetCommitFailed { error: &'a str },
-    PartitionsAssigned { partitions: &'a str, count: usize },
-    PartitionsRevoked { partitions: &'a str, count: usize },
+    OffsetCommitFailed {
+        error: &'a str,
+    },
+    PartitionsAssigned {
+        partitions: &'a str,
+        count: usize,
+    },
+    PartitionsRevoked {
+        partitions: &'a str,
+        count: usize,
+    },
 }
 
 impl Event<'_> {
@@ -57,14 +65,22 @@ impl Event<'_> {
             } => {
                 metrics.batch_records.observe(records as f64);
                 metrics.batch_seconds.observe(elapsed.as_secs_f64());
-                debug!(records, elapsed_ms = elapsed.as_millis() as u64, ranges, "batch committed");
+                debug!(
+                    records,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    ranges,
+                    "batch committed"
+                );
             }
             Event::SinkWriteFailed {
                 error,
                 attempt,
                 backoff,
             } => {
-                metrics.sink_retries.with_label_values(&[error.cause()]).inc();
+                metrics
+                    .sink_retries
+                    .with_label_values(&[error.cause()])
+                    .inc();
                 let backoff_ms = backoff.as_millis() as u64;
                 match error {
                     SinkError::Unavailable(_) => {
@@ -84,8 +100,14 @@ impl Event<'_> {
                 offset,
                 detail,
             } => {
-                metrics.dead_letters.with_label_values(&[reason.as_str()]).inc();
-                debug!(reason = reason.as_str(), topic, partition, offset, detail, "record dead-lettered");
+                metrics
+                    .dead_letters
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                debug!(
+                    reason = reason.as_str(),
+                    topic, partition, offset, detail, "record dead-lettered"
+                );
             }
             Event::DeadLetterWriteFailed {
                 error,
@@ -94,13 +116,18 @@ impl Event<'_> {
             } => {
                 metrics.dead_letter_failures.inc();
                 error!(
-                    error, attempt, backoff_ms = backoff.as_millis() as u64,
+                    error,
+                    attempt,
+                    backoff_ms = backoff.as_millis() as u64,
                     "dead-letter write failed; the offset will not advance until it succeeds"
                 );
             }
             Event::OffsetCommitFailed { error } => {
                 metrics.commit_failures.inc();
-                warn!(error, "offset commit failed; records will be re-read as duplicates");
+                warn!(
+                    error,
+                    "offset commit failed; records will be re-read as duplicates"
+                );
             }
             Event::PartitionsAssigned { partitions, count } => {
                 metrics.rebalances.with_label_values(&["assign"]).inc();

@@ -9,8 +9,8 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber. `RUST_LOG` overrides the configured
 /// level. Calling it twice keeps the first subscriber.
 pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -23,7 +23,11 @@ pub fn init(config: &LogConfig) {
 
 /// Sends one librdkafka log line to tracing, under the `librdkafka`
 /// target, at the matching level.
-pub fn route_librdkafka_log(level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+pub fn route_librdkafka_log(
+    level: rdkafka::config::RDKafkaLogLevel,
+    facility: &str,
+    message: &str,
+) {
     use rdkafka::config::RDKafkaLogLevel as L;
     match level {
         L::Emerg | L::Alert | L::Critical | L::Error => {

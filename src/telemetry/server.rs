@@ -19,7 +19,10 @@ use super::Metrics;
 pub async fn bind(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = std::io::Result<()>>)> {
+) -> std::io::Result<(
+    SocketAddr,
+    impl std::future::Future<Output = std::io::Result<()>>,
+)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()

@@ -76,7 +76,11 @@ pub fn create_topic(name: &str, partitions: i32) {
     wait_for(Duration::from_secs(30), "topic metadata", || {
         consumer
             .fetch_metadata(Some(name), Duration::from_secs(5))
-            .map(|m| m.topics().iter().any(|t| t.name() == name && t.partitions().len() == partitions as usize))
+            .map(|m| {
+                m.topics()
+                    .iter()
+                    .any(|t| t.name() == name && t.partitions().len() == partitions as usize)
+            })
             .unwrap_or(false)
     });
 }
@@ -174,11 +178,9 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
         .committed_offsets(tpl, Duration::from_secs(10))
         .expect("committed offsets");
     (0..partitions)
-        .map(|p| {
-            match got.find_partition(topic, p).map(|e| e.offset()) {
-                Some(rdkafka::Offset::Offset(o)) => o,
-                _ => -1,
-            }
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(rdkafka::Offset::Offset(o)) => o,
+            _ => -1,
         })
         .collect()
 }
@@ -209,7 +211,10 @@ pub fn read_all(topic: &str, partitions: i32) -> Vec<OwnedMessage> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while (out.len() as i64) < total {
-        assert!(Instant::now() < deadline, "could not read {topic} to its end");
+        assert!(
+            Instant::now() < deadline,
+            "could not read {topic} to its end"
+        );
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
             out.push(m.expect("read").detach());
         }
@@ -378,9 +383,7 @@ name = "orders"
     /// Rows of the upsert table: id -> (ver, qty).
     pub fn rows(&self) -> BTreeMap<String, (i64, i64)> {
         let conn = rusqlite::Connection::open(self.sink_path()).unwrap();
-        let mut stmt = conn
-            .prepare("SELECT id, ver, qty FROM orders")
-            .unwrap();
+        let mut stmt = conn.prepare("SELECT id, ver, qty FROM orders").unwrap();
         stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
             .unwrap()
             .collect::<Result<_, _>>()
@@ -445,21 +448,33 @@ impl Running {
 
     /// Waits until `n` records have been read and settled.
     pub fn wait_read(&self, n: u64) {
-        wait_for(Duration::from_secs(90), &format!("{n} records read"), || {
-            self.metrics.read_total() >= n
-        });
-        assert_eq!(self.metrics.read_total(), n, "read more records than expected");
+        wait_for(
+            Duration::from_secs(90),
+            &format!("{n} records read"),
+            || self.metrics.read_total() >= n,
+        );
+        assert_eq!(
+            self.metrics.read_total(),
+            n,
+            "read more records than expected"
+        );
     }
 
     /// Stops cleanly and returns how the run ended.
     pub fn stop(self) -> RunEnd {
         self.shutdown.trigger();
-        self.thread.join().expect("pipeline panicked").expect("pipeline failed")
+        self.thread
+            .join()
+            .expect("pipeline panicked")
+            .expect("pipeline failed")
     }
 
     /// Waits for the run to end by itself (a planned crash).
     pub fn join(self) -> RunEnd {
-        self.thread.join().expect("pipeline panicked").expect("pipeline failed")
+        self.thread
+            .join()
+            .expect("pipeline panicked")
+            .expect("pipeline failed")
     }
 
     /// I4: every outcome counted once, adding up to the records read.
@@ -470,7 +485,11 @@ impl Running {
 
 pub fn assert_outcomes_add_up(metrics: &Metrics) {
     let sum: u64 = Outcome::ALL.iter().map(|o| metrics.outcome_total(*o)).sum();
-    assert_eq!(sum, metrics.read_total(), "outcomes must add up to records read");
+    assert_eq!(
+        sum,
+        metrics.read_total(),
+        "outcomes must add up to records read"
+    );
 }
 
 /// The real `idem` binary, built with the `failpoints` feature.
@@ -513,7 +532,10 @@ impl Binary {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "idem did not exit within {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "idem did not exit within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
