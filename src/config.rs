@@ -63,7 +63,8 @@ pub struct KafkaConfig {
     pub bootstrap_servers: String,
     /// The consumer group. Instances with the same group share partitions.
     pub group_id: String,
-    /// Where a partition with no committed offset starts.
+    /// Where a partition starts when neither the group's committed offset
+    /// nor idem's own stored progress is usable (see `pipeline::start`).
     #[serde(default)]
     pub offset_reset: OffsetReset,
     /// librdkafka's `session.timeout.ms`; its default is 45 s.
@@ -100,6 +101,8 @@ pub enum OffsetReset {
     Earliest,
     /// Start at the end: only records produced after the group first joined.
     Latest,
+    /// Stop with an error: an operator chooses the offset (`idem replay`).
+    Fail,
 }
 
 impl OffsetReset {
@@ -107,6 +110,7 @@ impl OffsetReset {
         match self {
             OffsetReset::Earliest => "earliest",
             OffsetReset::Latest => "latest",
+            OffsetReset::Fail => "error",
         }
     }
 }

@@ -108,8 +108,8 @@ impl Summary {
         println!(
             "(counts are taken when a batch commits: the batch stopped by the crash was \
              counted once, when the restart read it again; its sink writes had already \
-             happened, so records whose entity had meanwhile reached a newer version \
-             count as stale)"
+             happened, so the restart found them there and counted them as duplicates, \
+             or as stale where the entity had meanwhile reached a newer version)"
         );
     }
 }

@@ -18,6 +18,7 @@
 //! - [`telemetry`]: metrics, typed events, `/metrics`, logging.
 //! - [`clock`], [`failpoint`]: injectable time and crash points for tests.
 //! - [`demo`]: `idem demo`, the whole job on an embedded Kafka cluster.
+//! - [`replay`], [`inspect`]: the operator commands.
 
 pub mod clock;
 pub mod config;
@@ -26,8 +27,10 @@ pub mod decode;
 pub mod dedup;
 pub mod demo;
 pub mod failpoint;
+pub mod inspect;
 pub mod outcome;
 pub mod pipeline;
 pub mod record;
+pub mod replay;
 pub mod sink;
 pub mod telemetry;

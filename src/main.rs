@@ -31,6 +31,22 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Ignore dedup entries from before this start, so that every record
+        /// read is applied again: rebuilds a lost or new sink after
+        /// `idem replay --to-earliest`. The version guard keeps rows from
+        /// going backwards.
+        #[arg(long)]
+        rebuild: bool,
+    },
+    /// Move a stopped group's committed offsets back, so that idem reads
+    /// records again. Prints the plan; changes nothing with --dry-run.
+    Replay(ReplayArgs),
+    /// Show what the dedup store remembers.
+    Inspect {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        what: InspectWhat,
     },
     /// Validate a config file and print the effective settings.
     CheckConfig {
@@ -46,10 +62,55 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false)))]
+#[command(group(clap::ArgGroup::new("broker").required(true).multiple(true)))]
+struct ReplayArgs {
+    /// Read the broker address and client properties from this config.
+    #[arg(long, short, group = "broker")]
+    config: Option<PathBuf>,
+    /// The broker address, instead of (or overriding) the config's.
+    #[arg(long, group = "broker")]
+    bootstrap_servers: Option<String>,
+    #[arg(long)]
+    group: String,
+    #[arg(long)]
+    topic: String,
+    /// Only this partition; default all.
+    #[arg(long)]
+    partition: Option<i32>,
+    /// Move to this offset (clamped to what the partition holds).
+    #[arg(long, group = "target")]
+    to_offset: Option<i64>,
+    /// Move to the first record at or after this time (RFC 3339, e.g.
+    /// 2026-12-04T10:00:00Z).
+    #[arg(long, group = "target")]
+    to_datetime: Option<String>,
+    /// Move to the first record at or after this long ago (e.g. 90m, 2h).
+    #[arg(long, group = "target")]
+    by_duration: Option<String>,
+    /// Move to the oldest record the partition holds.
+    #[arg(long, group = "target")]
+    to_earliest: bool,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Subcommand)]
+enum InspectWhat {
+    /// The dedup record of one idempotency key.
+    Key { key: String },
+    /// Keys, bytes and the oldest entry per partition.
+    Stats,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, rebuild } => run(&config, rebuild),
+        Command::Replay(args) => replay(&args),
+        Command::Inspect { config, what } => inspect(&config, &what),
         Command::CheckConfig { config } => check_config(&config),
         Command::Demo { json } => demo(json),
     }
@@ -72,13 +133,13 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
+fn run(path: &std::path::Path, rebuild: bool) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
     logging::init(&config.log);
-    match run_service(config) {
+    match run_service(config, rebuild) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "idem stopped on an error");
@@ -99,14 +160,14 @@ struct BadListenAddress {
     source: std::io::Error,
 }
 
-fn run_service(config: Config) -> anyhow::Result<()> {
+fn run_service(config: Config, rebuild: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let addr = config.metrics.listen.parse().expect("validated at load");
-    let pipeline = Pipeline::new(config);
+    let pipeline = Pipeline::new(config).with_rebuild(rebuild);
     let metrics = pipeline.metrics();
     let shutdown = pipeline.shutdown_handle();
 
@@ -156,6 +217,103 @@ fn demo(json: bool) -> ExitCode {
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("idem demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn replay(args: &ReplayArgs) -> ExitCode {
+    use idem::replay::{self, Target};
+
+    let (mut bootstrap, mut properties) = (None, Default::default());
+    if let Some(path) = &args.config {
+        match load(path) {
+            Ok(config) => {
+                bootstrap = Some(config.kafka.bootstrap_servers);
+                properties = config.kafka.properties;
+            }
+            Err(code) => return code,
+        }
+    }
+    let Some(bootstrap) = args.bootstrap_servers.clone().or(bootstrap) else {
+        eprintln!("idem replay: give --config or --bootstrap-servers");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let target = if let Some(o) = args.to_offset {
+        Target::Offset(o)
+    } else if let Some(t) = &args.to_datetime {
+        match humantime::parse_rfc3339_weak(t) {
+            Ok(at) => Target::Timestamp(
+                at.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64),
+            ),
+            Err(e) => {
+                eprintln!("idem replay: --to-datetime {t:?}: {e}; use e.g. 2026-12-04T10:00:00Z");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    } else if let Some(d) = &args.by_duration {
+        match humantime::parse_duration(d) {
+            Ok(d) => Target::Timestamp(replay::ago_ms(d)),
+            Err(e) => {
+                eprintln!("idem replay: --by-duration {d:?}: {e}; use e.g. 90m or 2h");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    } else {
+        Target::Earliest
+    };
+
+    let result = (|| -> Result<(), replay::ReplayError> {
+        let client = replay::group_client(&bootstrap, &properties, &args.group)?;
+        let rows = replay::plan(&client, &args.topic, args.partition, target)?;
+        print!("{}", replay::render(&args.group, &args.topic, &rows));
+        replay::check_no_skip(&rows)?;
+        replay::check_group_inactive(&client, &args.group)?;
+        if args.dry_run {
+            println!("dry run: nothing changed");
+        } else {
+            replay::apply(&client, &args.topic, &rows)?;
+            println!("offsets moved; start idem to read the records again");
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("idem replay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn inspect(path: &std::path::Path, what: &InspectWhat) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let store = match idem::dedup::DedupStore::open_read_only(
+        &config.dedup.path,
+        config.dedup.window,
+        Arc::new(idem::clock::SystemClock),
+    ) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("idem inspect: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shown = match what {
+        InspectWhat::Key { key } => idem::inspect::key(&store, key),
+        InspectWhat::Stats => idem::inspect::stats(&store),
+    };
+    match shown {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("idem inspect: {e}");
             ExitCode::FAILURE
         }
     }

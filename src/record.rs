@@ -6,7 +6,7 @@ use std::fmt;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 /// A Kafka partition number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Partition(pub i32);
 
 /// A Kafka offset within a partition.

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options,
+    WriteBatch, WriteOptions, DB,
 };
 
 use crate::clock::Clock;
@@ -128,6 +128,27 @@ fn partition_prefix(topic: &str, partition: Partition) -> Vec<u8> {
     bytes
 }
 
+/// What `idem inspect stats` shows of one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionStats {
+    pub topic: String,
+    pub partition: Partition,
+    pub keys: u64,
+    pub expired: u64,
+    /// Logical bytes (keys and values), before RocksDB's compression.
+    pub bytes: u64,
+    pub oldest_first_seen_ms: Option<i64>,
+    pub next_offset: Option<Offset>,
+}
+
+/// Splits a store key into topic, partition and the rest.
+fn split_key(key: &[u8]) -> Option<(String, Partition, &[u8])> {
+    let nul = key.iter().position(|b| *b == 0)?;
+    let topic = std::str::from_utf8(&key[..nul]).ok()?.to_string();
+    let partition = i32::from_be_bytes(key.get(nul + 1..nul + 5)?.try_into().ok()?);
+    Some((topic, Partition(partition), &key[nul + 5..]))
+}
+
 /// One partition's progress: the next offset to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
@@ -141,6 +162,8 @@ pub struct DedupStore {
     db: DB,
     window: Duration,
     clock: Arc<dyn Clock>,
+    /// Entries first seen before this time read as absent (rebuild mode).
+    ignore_before_ms: i64,
 }
 
 impl DedupStore {
@@ -179,7 +202,44 @@ impl DedupStore {
                 path: path.display().to_string(),
                 source,
             })?;
-        Ok(DedupStore { db, window, clock })
+        Ok(DedupStore {
+            db,
+            window,
+            clock,
+            ignore_before_ms: i64::MIN,
+        })
+    }
+
+    /// Opens the store for reading only, beside a running idem (RocksDB
+    /// allows one writer, any number of read-only openers).
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the directory is not a dedup store.
+    pub fn open_read_only(
+        path: &Path,
+        window: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let db =
+            DB::open_cf_for_read_only(&Options::default(), path, [CF_DEDUP, CF_PROGRESS], false)
+                .map_err(|source| StoreError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+        Ok(DedupStore {
+            db,
+            window,
+            clock,
+            ignore_before_ms: i64::MIN,
+        })
+    }
+
+    /// Rebuild mode: entries first seen before `ms` read as absent, so every
+    /// record is applied again, while keys seen during the rebuild are
+    /// judged as usual (duplicates and conflicts within the replayed
+    /// stream come out as in the first run).
+    pub fn ignore_entries_before(&mut self, ms: i64) {
+        self.ignore_before_ms = ms;
     }
 
     pub fn window(&self) -> Duration {
@@ -208,7 +268,9 @@ impl DedupStore {
                     let entry = Entry::decode(&bytes).ok_or_else(|| StoreError::Corrupt {
                         key: String::from_utf8_lossy(&key.0).into_owned(),
                     })?;
-                    Ok((!entry.is_expired(now, self.window)).then_some(entry))
+                    let live = !entry.is_expired(now, self.window)
+                        && entry.first_seen_ms >= self.ignore_before_ms;
+                    Ok(live.then_some(entry))
                 }
             })
             .collect()
@@ -276,6 +338,95 @@ impl DedupStore {
             .ok()
             .flatten()
             .unwrap_or(0)
+    }
+
+    /// Every partition with recorded progress, and its next offset.
+    ///
+    /// # Errors
+    /// A RocksDB read error.
+    pub fn partitions(&self) -> Result<Vec<Progress>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(&self.cf(CF_PROGRESS), IteratorMode::Start)
+        {
+            let (key, value) = item?;
+            if let (Some((topic, partition, _)), Ok(next)) =
+                (split_key(&key), <[u8; 8]>::try_from(&value[..]))
+            {
+                out.push(Progress {
+                    topic,
+                    partition,
+                    next: Offset(i64::from_be_bytes(next)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries of one idempotency key, in every partition that has it
+    /// (expired ones included; see [`Entry::expires_at_ms`]).
+    ///
+    /// # Errors
+    /// A RocksDB read error.
+    pub fn find(&self, key: &IdemKey) -> Result<Vec<(Progress, Entry)>, StoreError> {
+        let cf = self.cf(CF_DEDUP);
+        let mut found = Vec::new();
+        for p in self.partitions()? {
+            let k = DedupKey::new(&p.topic, p.partition, key);
+            if let Some(bytes) = self.db.get_cf(&cf, &k.0)? {
+                let entry = Entry::decode(&bytes)
+                    .ok_or_else(|| StoreError::Corrupt { key: key.0.clone() })?;
+                found.push((p, entry));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Keys, expired keys, bytes and the oldest entry, per partition. Reads
+    /// the whole store: seconds per million keys.
+    ///
+    /// # Errors
+    /// A RocksDB read error.
+    pub fn stats(&self) -> Result<Vec<PartitionStats>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut by_partition: std::collections::BTreeMap<(String, Partition), PartitionStats> =
+            std::collections::BTreeMap::new();
+        for item in self.db.iterator_cf(&self.cf(CF_DEDUP), IteratorMode::Start) {
+            let (key, value) = item?;
+            let Some((topic, partition, _)) = split_key(&key) else {
+                continue;
+            };
+            let stats = by_partition
+                .entry((topic.clone(), partition))
+                .or_insert_with(|| PartitionStats {
+                    topic,
+                    partition,
+                    ..PartitionStats::default()
+                });
+            stats.keys += 1;
+            stats.bytes += (key.len() + value.len()) as u64;
+            if let Some(entry) = Entry::decode(&value) {
+                if entry.is_expired(now, self.window) {
+                    stats.expired += 1;
+                }
+                let oldest = stats
+                    .oldest_first_seen_ms
+                    .get_or_insert(entry.first_seen_ms);
+                *oldest = (*oldest).min(entry.first_seen_ms);
+            }
+        }
+        for p in self.partitions()? {
+            by_partition
+                .entry((p.topic.clone(), p.partition))
+                .or_insert_with(|| PartitionStats {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                    ..PartitionStats::default()
+                })
+                .next_offset = Some(p.next);
+        }
+        Ok(by_partition.into_values().collect())
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -352,6 +503,61 @@ mod tests {
                 "compact={compact}"
             );
         }
+    }
+
+    #[test]
+    fn find_and_stats_read_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(5_000);
+        let store = open(dir.path(), &clock);
+        let k = IdemKey("K1".into());
+        let progress = |p| Progress {
+            topic: "orders".into(),
+            partition: Partition(p),
+            next: Offset(8),
+        };
+        store
+            .commit(
+                &[
+                    (
+                        DedupKey::new("orders", Partition(0), &k),
+                        entry(1, 1_000, 7),
+                    ),
+                    (
+                        DedupKey::new("orders", Partition(1), &IdemKey("K2".into())),
+                        entry(2, 2_000, 7),
+                    ),
+                ],
+                &[progress(0), progress(1)],
+            )
+            .unwrap();
+        let found = store.find(&k).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0.partition, Partition(0));
+        assert_eq!(found[0].1.offset, Offset(7));
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.len(), 2);
+        assert_eq!(stats[0].keys, 1);
+        assert_eq!(stats[0].oldest_first_seen_ms, Some(1_000));
+        assert_eq!(stats[1].next_offset, Some(Offset(8)));
+    }
+
+    #[test]
+    fn rebuild_ignores_entries_from_before_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(10_000);
+        let mut store = open(dir.path(), &clock);
+        let old = DedupKey::new("t", Partition(0), &IdemKey("old".into()));
+        let new = DedupKey::new("t", Partition(0), &IdemKey("new".into()));
+        store
+            .commit(&[(old.clone(), entry(1, 9_000, 0))], &[])
+            .unwrap();
+        store.ignore_entries_before(10_000);
+        store
+            .commit(&[(new.clone(), entry(1, 10_000, 1))], &[])
+            .unwrap();
+        let found = store.lookup(&[&old, &new]).unwrap();
+        assert!(found[0].is_none() && found[1].is_some());
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub enum BatchError {
     /// The dedup store failed in a way retrying will not fix.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Policy `fail`: a partition has no offset to start from.
+    #[error("no starting offset: {0}")]
+    NoStartingOffset(String),
 }
 
 /// How one record will be handled.

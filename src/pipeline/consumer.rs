@@ -12,18 +12,21 @@ use std::time::{Duration, Instant};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tracing::{error, info, warn};
 
 use super::batch::{BatchError, BatchProcessor, OffsetCommitter};
 use super::retry::Shutdown;
+use super::start::{self, Start};
 use super::{PipelineError, RunEnd};
-use crate::config::{BatchConfig, Config};
-use crate::dedup::Progress;
-use crate::record::Record;
+use crate::config::{BatchConfig, Config, OffsetReset};
+use crate::dedup::{DedupStore, Progress};
+use crate::record::{Partition, Record};
 use crate::telemetry::events::Event as Telemetry;
 use crate::telemetry::logging::route_librdkafka_log;
+use crate::telemetry::progress::CatchUp;
 use crate::telemetry::Metrics;
 
 /// Records polled but not yet processed, and the processor that will take
@@ -83,10 +86,17 @@ impl Engine {
     }
 }
 
-/// librdkafka callbacks: logs into tracing, and rebalances.
+/// librdkafka callbacks: logs into tracing, statistics, rebalances.
 pub struct IdemContext {
     engine: Arc<Mutex<Engine>>,
     metrics: Arc<Metrics>,
+    offset_reset: OffsetReset,
+    catch_up: Mutex<CatchUp>,
+    /// A second client of the same group that never joins it: it reads
+    /// committed offsets and watermarks while the group's own handle is in
+    /// the middle of a rebalance, where its requests would wait for the
+    /// rebalance to finish.
+    lookup: BaseConsumer,
 }
 
 impl IdemContext {
@@ -103,6 +113,28 @@ impl ClientContext for IdemContext {
     fn error(&self, error: KafkaError, reason: &str) {
         warn!(target: "librdkafka", %error, reason, "client error");
     }
+
+    /// Every `statistics.interval.ms`: consumer lag per partition, and
+    /// catch-up progress when far behind.
+    fn stats(&self, statistics: Statistics) {
+        let mut total_lag = 0u64;
+        for (topic, t) in &statistics.topics {
+            for (id, p) in &t.partitions {
+                if *id < 0 || !p.desired || p.consumer_lag < 0 {
+                    continue;
+                }
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[topic, &id.to_string()])
+                    .set(p.consumer_lag);
+                total_lag += p.consumer_lag as u64;
+            }
+        }
+        self.catch_up
+            .lock()
+            .expect("catch-up lock poisoned")
+            .update(total_lag, self.metrics.read_total());
+    }
 }
 
 impl ConsumerContext for IdemContext {
@@ -114,11 +146,30 @@ impl ConsumerContext for IdemContext {
             if let Err(e) = engine.flush(consumer) {
                 engine.failed = Some(e);
             }
+            for e in tpl.elements() {
+                let _ = self
+                    .metrics
+                    .consumer_lag
+                    .remove_label_values(&[e.topic(), &e.partition().to_string()]);
+            }
             Telemetry::PartitionsRevoked {
                 partitions: &describe(tpl),
                 count: tpl.count(),
             }
             .emit(&self.metrics);
+        }
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Set where each new partition starts before librdkafka assigns
+            // it; the list handed to us is the one it assigns.
+            let mut engine = self.engine();
+            if let Err(refused) = set_start_offsets(
+                &self.lookup,
+                tpl,
+                engine.processor.store(),
+                self.offset_reset,
+            ) {
+                engine.failed = Some(BatchError::NoStartingOffset(refused));
+            }
         }
     }
 
@@ -144,6 +195,81 @@ impl OffsetCommitter for BaseConsumer<IdemContext> {
         }
         Consumer::commit(self, &tpl, CommitMode::Sync).map_err(|e| e.to_string())
     }
+}
+
+/// Applies [`start::choose`] to each partition of an assignment.
+///
+/// # Errors
+/// A description of the partition that policy `fail` refuses to start.
+fn set_start_offsets(
+    consumer: &BaseConsumer,
+    tpl: &TopicPartitionList,
+    store: &DedupStore,
+    policy: OffsetReset,
+) -> Result<(), String> {
+    let timeout = Duration::from_secs(10);
+    let committed = match consumer.committed_offsets(tpl.clone(), timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot read committed offsets; librdkafka applies kafka.offset_reset");
+            return Ok(());
+        }
+    };
+    for mut elem in tpl.elements() {
+        let (topic, partition) = (elem.topic().to_string(), elem.partition());
+        let group_offset = match committed
+            .find_partition(&topic, partition)
+            .map(|e| e.offset())
+        {
+            Some(KafkaOffset::Offset(o)) => Some(o),
+            _ => None,
+        };
+        let (low, high) = match consumer.fetch_watermarks(&topic, partition, timeout) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(topic, partition, error = %e, "cannot read watermarks; starting at the committed offset");
+                continue;
+            }
+        };
+        let stored = store
+            .progress(&topic, Partition(partition))
+            .ok()
+            .flatten()
+            .map(|o| o.0);
+        let choice = start::choose(group_offset, stored, low, high, policy);
+        let offset = match choice {
+            Start::Committed => continue,
+            Start::Stored(o) => KafkaOffset::Offset(o),
+            Start::Earliest => KafkaOffset::Beginning,
+            Start::Latest => KafkaOffset::End,
+            Start::Refuse => {
+                return Err(format!(
+                    "{topic}/{partition}: no committed offset within [{low}, {high}] \
+                     (group has {group_offset:?}) and no stored progress ({stored:?}); \
+                     kafka.offset_reset is \"fail\": set the group's offset with \
+                     `idem replay`, or choose \"earliest\" or \"latest\""
+                ))
+            }
+        };
+        warn!(
+            topic,
+            partition,
+            committed = ?group_offset,
+            stored_progress = ?stored,
+            low,
+            high,
+            start = ?choice,
+            "the group has no usable committed offset for this partition; starting from {}",
+            match choice {
+                Start::Stored(_) => "idem's own stored progress",
+                _ => "kafka.offset_reset",
+            }
+        );
+        if let Err(e) = elem.set_offset(offset) {
+            warn!(topic, partition, error = %e, "cannot set the start offset");
+        }
+    }
+    Ok(())
 }
 
 fn describe(tpl: &TopicPartitionList) -> String {
@@ -197,6 +323,9 @@ pub fn run(
     let context = IdemContext {
         engine: Arc::clone(&engine),
         metrics: Arc::clone(metrics),
+        offset_reset: config.kafka.offset_reset,
+        catch_up: Mutex::new(CatchUp::new()),
+        lookup: client_config(config).create()?,
     };
     let consumer: BaseConsumer<IdemContext> = client_config(config).create_with_context(context)?;
     consumer.subscribe(&config.topic_names())?;
@@ -252,6 +381,10 @@ pub fn run(
         Err(BatchError::Store(e)) => {
             error!(error = %e, "dedup store failed; stopping without committing");
             Err(e.into())
+        }
+        Err(BatchError::NoStartingOffset(why)) => {
+            error!(why, "refusing to guess where a partition starts");
+            Err(PipelineError::NoStartingOffset(why))
         }
     }
 }

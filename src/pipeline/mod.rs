@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod consumer;
 pub mod retry;
+pub mod start;
 
 use std::sync::Arc;
 
@@ -35,6 +36,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("no starting offset: {0}")]
+    NoStartingOffset(String),
 }
 
 /// How a run ended without an error.
@@ -52,6 +55,7 @@ pub struct Pipeline {
     clock: Arc<dyn Clock>,
     crash: Arc<CrashPlan>,
     shutdown: Shutdown,
+    rebuild: bool,
 }
 
 impl Pipeline {
@@ -62,7 +66,19 @@ impl Pipeline {
             clock: Arc::new(SystemClock),
             crash: Arc::new(CrashPlan::none()),
             shutdown: Shutdown::new(),
+            rebuild: false,
         }
+    }
+
+    /// Rebuild mode: dedup entries from before this run read as absent, so
+    /// every record read is applied to the sink again (the version guard
+    /// and the insert key keep that from regressing anything), while
+    /// duplicates and conflicts within the replayed stream are judged as
+    /// in the first run. For rebuilding a lost or new sink after
+    /// `idem replay --to-earliest`.
+    pub fn with_rebuild(mut self, rebuild: bool) -> Self {
+        self.rebuild = rebuild;
+        self
     }
 
     /// Uses this clock for the dedup window instead of the system clock.
@@ -102,11 +118,18 @@ impl Pipeline {
         for topic in self.config.topic_names() {
             self.metrics.register_topic(topic);
         }
-        let store = DedupStore::open(
+        let mut store = DedupStore::open(
             &self.config.dedup.path,
             self.config.dedup.window,
             Arc::clone(&self.clock),
         )?;
+        if self.rebuild {
+            store.ignore_entries_before(self.clock.now_ms());
+            tracing::warn!(
+                "rebuild mode: dedup entries from before this start are ignored, every \
+                 record read is applied again; restart without --rebuild once caught up"
+            );
+        }
         let Some(sink) = self.open_sink()? else {
             return Ok(RunEnd::Stopped);
         };

@@ -2,10 +2,13 @@
 //!
 //! Why it is idempotent:
 //! - upsert mode writes `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE
-//!   excluded.version >= table.version`. The same record applied twice
-//!   writes the same values; an older version matches no row and changes
-//!   nothing (counted as stale). Equal versions let the later record in
-//!   the partition win, so a replay ends where the first run did.
+//!   excluded.version > table.version`. Only a strictly newer version
+//!   changes a row. When nothing changed, one look-up tells the two cases
+//!   apart: the row holds the same version (this event, or another body
+//!   under the same version, was applied before: `AlreadyPresent`, counted
+//!   as a duplicate) or a newer one (`Stale`). So the first body applied for
+//!   a version stays, however often and in whatever order the log is
+//!   replayed.
 //! - insert mode writes `INSERT ... ON CONFLICT (idempotency key) DO
 //!   NOTHING`: a second insert of a key is a no-op.
 //!
@@ -40,6 +43,11 @@ enum ColumnValue {
 pub struct SqliteSink {
     conn: Connection,
     sql: String,
+    /// upsert: reads the version a row holds, to tell a replay of the
+    /// same version from a stale one.
+    version_sql: Option<String>,
+    /// upsert: where the entity key sits among the bound values.
+    entity_index: usize,
     columns: Vec<ColumnValue>,
     mode: SinkMode,
     entity_pointer: Option<String>,
@@ -142,7 +150,7 @@ impl SqliteSink {
                     .map(|c| format!("{c} = excluded.{c}"))
                     .collect();
                 format!(
-                    "{insert} ON CONFLICT ({}) DO UPDATE SET {} WHERE excluded.{v} >= {}.{v}",
+                    "{insert} ON CONFLICT ({}) DO UPDATE SET {} WHERE excluded.{v} > {}.{v}",
                     quote(key_column),
                     updates.join(", "),
                     quote(&table.name),
@@ -151,11 +159,25 @@ impl SqliteSink {
             }
             SinkMode::Insert => format!("{insert} ON CONFLICT ({}) DO NOTHING", quote(key_column)),
         };
+        let version_sql = table.version_column.as_ref().map(|v| {
+            format!(
+                "SELECT {} FROM {} WHERE {} = ?",
+                quote(v),
+                quote(&table.name),
+                quote(key_column)
+            )
+        });
         // Prepare once now so that a schema mismatch fails at start-up.
         conn.prepare_cached(&sql).map_err(classify_batch_error)?;
+        if let Some(q) = &version_sql {
+            conn.prepare_cached(q).map_err(classify_batch_error)?;
+        }
+        let entity_index = names.iter().position(|n| n == key_column).unwrap_or(0);
         Ok(SqliteSink {
             conn,
             sql,
+            version_sql,
+            entity_index,
             columns,
             mode: table.mode,
             entity_pointer,
@@ -217,9 +239,16 @@ impl SqliteSink {
                     continue;
                 }
             };
+            let (entity, version) = match self.mode {
+                SinkMode::Upsert => (
+                    values[self.entity_index].clone(),
+                    values[self.version_index()].clone(),
+                ),
+                SinkMode::Insert => (rusqlite::types::Value::Null, rusqlite::types::Value::Null),
+            };
             match stmt.execute(params_from_iter(values)) {
                 Ok(0) => outcomes.push(match self.mode {
-                    SinkMode::Upsert => WriteOutcome::Stale,
+                    SinkMode::Upsert => self.unchanged_upsert(&entity, &version)?,
                     SinkMode::Insert => WriteOutcome::AlreadyPresent,
                 }),
                 Ok(_) => outcomes.push(WriteOutcome::Applied),
@@ -232,6 +261,34 @@ impl SqliteSink {
             }
         }
         Ok(outcomes)
+    }
+}
+
+impl SqliteSink {
+    fn version_index(&self) -> usize {
+        self.columns
+            .iter()
+            .position(|c| matches!(c, ColumnValue::Version))
+            .expect("upsert has a version column")
+    }
+
+    /// An upsert that changed nothing: same version already there, or an
+    /// older one.
+    fn unchanged_upsert(
+        &self,
+        entity: &rusqlite::types::Value,
+        version: &rusqlite::types::Value,
+    ) -> Result<WriteOutcome, rusqlite::Error> {
+        let sql = self.version_sql.as_deref().expect("upsert");
+        let held: rusqlite::types::Value = self
+            .conn
+            .prepare_cached(sql)?
+            .query_row([entity], |r| r.get(0))?;
+        Ok(if &held == version {
+            WriteOutcome::AlreadyPresent
+        } else {
+            WriteOutcome::Stale
+        })
     }
 }
 

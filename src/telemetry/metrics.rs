@@ -28,6 +28,7 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
     pub dedup_keys: IntGauge,
+    pub consumer_lag: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -133,6 +134,21 @@ impl Metrics {
                 "Entries in the dedup store (RocksDB's estimate; includes expired \
                  keys not yet compacted away).",
             ),
+            consumer_lag: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "idem_consumer_lag_records",
+                        "Records between the committed offset and the end of each \
+                         assigned partition (from librdkafka statistics, every 5 s).",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             build_info: {
                 let g = IntGaugeVec::new(
                     Opts::new("idem_build_info", "Always 1; labels carry the version."),

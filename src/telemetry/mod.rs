@@ -4,6 +4,7 @@
 pub mod events;
 pub mod logging;
 pub mod metrics;
+pub mod progress;
 pub mod server;
 
 pub use metrics::Metrics;

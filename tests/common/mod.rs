@@ -5,7 +5,7 @@
 //! topics and group, with names no other test uses.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -57,6 +57,29 @@ fn admin() -> AdminClient<DefaultClientContext> {
         .expect("admin client")
 }
 
+/// Deletes a consumer group, and with it every committed offset.
+pub fn delete_group(group: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = rt
+        .block_on(admin().delete_groups(&[group], &AdminOptions::new()))
+        .expect("delete_groups");
+    for r in results {
+        r.unwrap_or_else(|(g, e)| panic!("deleting group {g}: {e}"));
+    }
+}
+
+/// Runs the idem binary to completion.
+pub fn idem(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("running idem")
+}
+
 pub fn create_topic(name: &str, partitions: i32) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -92,6 +115,8 @@ pub struct Rec {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Milliseconds since the epoch; default: the producer's clock.
+    pub timestamp: Option<i64>,
 }
 
 impl Rec {
@@ -102,6 +127,7 @@ impl Rec {
             key: Some(id.as_bytes().to_vec()),
             value: Some(format!(r#"{{"id":"{id}","ver":{ver},"qty":{qty}}}"#).into_bytes()),
             headers: vec![("Idempotency-Key".into(), Some(idem.as_bytes().to_vec()))],
+            timestamp: None,
         }
     }
 
@@ -143,7 +169,9 @@ pub fn produce_with(producer: &BaseProducer, topic: &str, records: &[Rec]) {
         if let Some(v) = &r.value {
             record = record.payload(v.as_slice());
         }
-        let mut record = record;
+        if let Some(ts) = r.timestamp {
+            record = record.timestamp(ts);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -390,6 +418,22 @@ name = "orders"
             .unwrap()
     }
 
+    pub fn rows_or_empty(&self, mode: Mode) -> BTreeMap<String, (i64, i64)> {
+        if mode == Mode::Upsert {
+            self.rows()
+        } else {
+            BTreeMap::new()
+        }
+    }
+
+    pub fn inserted_or_empty(&self, mode: Mode) -> BTreeMap<String, (String, i64)> {
+        if mode == Mode::Insert {
+            self.inserted()
+        } else {
+            BTreeMap::new()
+        }
+    }
+
     /// Rows of the insert table: idempotency key -> (id, qty).
     pub fn inserted(&self) -> BTreeMap<String, (String, i64)> {
         let conn = rusqlite::Connection::open(self.sink_path()).unwrap();
@@ -583,4 +627,119 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     let mut body = String::new();
     stream.read_to_string(&mut body).ok()?;
     Some(body.split_once("\r\n\r\n")?.1.to_string())
+}
+
+/// A generated stream and what it must leave in the sink.
+pub struct Stream {
+    pub records: Vec<Rec>,
+    /// upsert: id -> (ver, qty)
+    pub rows: BTreeMap<String, (i64, i64)>,
+    /// insert: idempotency key -> (id, qty)
+    pub inserted: BTreeMap<String, (String, i64)>,
+    pub duplicates: usize,
+}
+
+/// A fifth duplicates (some re-serialised, some far from their first
+/// copy), some conflicts, some stale versions, some poison. Entities stay
+/// on one partition, as a producer partitioning by entity key does.
+pub fn stream(total: usize, partitions: i32) -> Stream {
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let entities = (total / 4).max(1) as u64;
+    let mut versions: HashMap<u64, i64> = HashMap::new();
+    let mut sent: Vec<(i32, String, String, i64, i64)> = Vec::new();
+    let mut records = Vec::with_capacity(total);
+    let mut duplicates = 0;
+    let body = |id: &str, ver: i64, qty: i64, pad: &str| {
+        format!(r#"{{"id":"{id}","ver":{ver},"qty":{qty},"note":"{pad}"}}"#)
+    };
+    let pad = "x".repeat(120);
+    while records.len() < total {
+        let roll = next(1000);
+        if roll < 200 && !sent.is_empty() {
+            // Duplicate of any earlier event, often far back, re-serialised.
+            let (p, idem, id, ver, qty) = sent[next(sent.len() as u64) as usize].clone();
+            let value = format!(
+                "{{ \"qty\": {qty}, \"note\": \"{pad}\",\n \"ver\": {ver}, \"id\": \"{id}\" }}"
+            );
+            let mut r = Rec::order(p, &idem, &id, ver, qty);
+            r.value = Some(value.into_bytes());
+            records.push(r);
+            duplicates += 1;
+        } else if roll < 210 && !sent.is_empty() {
+            // Conflict: an earlier key with another body.
+            let (p, idem, id, ver, qty) = sent[next(sent.len() as u64) as usize].clone();
+            records.push(
+                Rec::order(p, &idem, &id, ver, qty + 1_000)
+                    .with_value(body(&id, ver, qty + 1_000, &pad).as_bytes()),
+            );
+        } else if roll < 230 && !sent.is_empty() {
+            // Stale: an older version under a new key.
+            let (p, _, id, ver, _) = sent[next(sent.len() as u64) as usize].clone();
+            let idem = format!("late-{}", records.len());
+            let old = ver - 1;
+            records.push(
+                Rec::order(p, &idem, &id, old, 7).with_value(body(&id, old, 7, &pad).as_bytes()),
+            );
+        } else if roll < 235 {
+            let p = next(partitions as u64) as i32;
+            records.push(
+                Rec::order(p, &format!("poison-{}", records.len()), "x", 1, 1)
+                    .with_value(b"{\"id\":"),
+            );
+        } else {
+            let e = next(entities);
+            let ver = versions.entry(e).or_insert(0);
+            *ver += 1;
+            let id = format!("ord-{e}");
+            let p = (e % partitions as u64) as i32;
+            let idem = format!("{id}-v{ver}");
+            let qty = next(100) as i64;
+            records.push(
+                Rec::order(p, &idem, &id, *ver, qty)
+                    .with_value(body(&id, *ver, qty, &pad).as_bytes()),
+            );
+            sent.push((p, idem, id, *ver, qty));
+        }
+    }
+
+    // The model: per partition in order, first body per key wins, the
+    // newest version per entity wins.
+    let mut rows = BTreeMap::new();
+    let mut inserted = BTreeMap::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for p in 0..partitions {
+        for r in records.iter().filter(|r| r.partition == p) {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(r.value.as_ref().unwrap())
+            else {
+                continue;
+            };
+            let idem = String::from_utf8(r.headers[0].1.clone().unwrap()).unwrap();
+            let id = v["id"].as_str().unwrap().to_string();
+            let (ver, qty) = (v["ver"].as_i64().unwrap(), v["qty"].as_i64().unwrap());
+            let canon = format!("{id}/{ver}/{qty}");
+            match seen.get(&idem) {
+                Some(_) => continue,
+                None => {
+                    seen.insert(idem.clone(), canon);
+                }
+            }
+            inserted.insert(idem, (id.clone(), qty));
+            let row = rows.entry(id).or_insert((ver, qty));
+            if ver >= row.0 {
+                *row = (ver, qty);
+            }
+        }
+    }
+    Stream {
+        records,
+        rows,
+        inserted,
+        duplicates,
+    }
 }
