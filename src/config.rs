@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration error: which field, and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError 
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub kafka: KafkaConfig,
@@ -56,7 +56,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// librdkafka's `bootstrap.servers`.
@@ -92,7 +92,7 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "auto.offset.reset",
 ];
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum OffsetReset {
     /// Start at the oldest record still in the partition (default: a new
@@ -115,7 +115,7 @@ impl OffsetReset {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
     pub name: String,
@@ -126,7 +126,7 @@ pub struct TopicConfig {
 }
 
 /// Where a record's idempotency key comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "from", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum KeySource {
     /// A record header; its value must be UTF-8.
@@ -150,7 +150,7 @@ impl Default for KeySource {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     /// Most records in one batch.
@@ -184,7 +184,7 @@ impl Default for BatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DedupConfig {
     /// The RocksDB directory. Keep it on local disk that survives restarts.
@@ -195,13 +195,13 @@ pub struct DedupConfig {
     pub window: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum SinkConfig {
     Sqlite(SqliteSinkConfig),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqliteSinkConfig {
     /// The database file; created if missing.
@@ -218,7 +218,7 @@ fn default_busy_timeout_ms() -> u64 {
 }
 
 /// How records map onto one SQL table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableConfig {
     pub name: String,
@@ -251,7 +251,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SinkMode {
     /// One row per entity, updated only by a version at least as new.
@@ -260,7 +260,7 @@ pub enum SinkMode {
     Insert,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
     /// The topic that receives records that can never succeed. It must
@@ -276,7 +276,7 @@ fn default_dead_letter_timeout_ms() -> u64 {
     30_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// A payload larger than this is dead-lettered as too-large.
@@ -304,7 +304,7 @@ impl Default for LimitsConfig {
 }
 
 /// Backoff for transient failures (sink locked or down, broker errors).
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     #[serde(default = "default_initial_backoff_ms")]
@@ -329,7 +329,7 @@ impl Default for RetryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address of the `/metrics` and `/healthz` server. Loopback by
@@ -350,7 +350,7 @@ impl Default for MetricsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
@@ -374,7 +374,7 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
     #[default]
@@ -644,8 +644,8 @@ impl TableConfig {
     }
 }
 
-/// The effective configuration, defaults filled in, secrets redacted: for
-/// `idem check-config` and the start-up log.
+/// The effective configuration as TOML, defaults filled in, secrets
+/// redacted: what `idem check-config` prints.
 pub fn describe(config: &Config) -> String {
     let mut shown = config.clone();
     for (key, value) in shown.kafka.properties.iter_mut() {
@@ -653,7 +653,7 @@ pub fn describe(config: &Config) -> String {
             *value = "<redacted>".to_string();
         }
     }
-    format!("{shown:#?}")
+    toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("{shown:#?}\n({e})"))
 }
 
 fn is_secret(property: &str) -> bool {
