@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tracing::{error, info, warn};
@@ -115,12 +114,21 @@ impl ClientContext for IdemContext {
     }
 
     /// Every `statistics.interval.ms`: consumer lag per partition, and
-    /// catch-up progress when far behind.
-    fn stats(&self, statistics: Statistics) {
+    /// catch-up progress when far behind. Only the fields used are parsed,
+    /// so that new fields in librdkafka's statistics cannot break it.
+    fn stats_raw(&self, statistics: &[u8]) {
+        let stats: LagStatistics = match serde_json::from_slice(statistics) {
+            Ok(stats) => stats,
+            Err(e) => {
+                warn!(error = %e, "cannot read librdkafka statistics; lag metrics are stale");
+                return;
+            }
+        };
         let mut total_lag = 0u64;
-        for (topic, t) in &statistics.topics {
+        for (topic, t) in &stats.topics {
             for (id, p) in &t.partitions {
-                if *id < 0 || !p.desired || p.consumer_lag < 0 {
+                let Ok(id) = id.parse::<i32>() else { continue };
+                if id < 0 || !p.desired || p.consumer_lag < 0 {
                     continue;
                 }
                 self.metrics
@@ -135,6 +143,31 @@ impl ClientContext for IdemContext {
             .expect("catch-up lock poisoned")
             .update(total_lag, self.metrics.read_total());
     }
+}
+
+/// The part of librdkafka's statistics JSON that idem reads.
+#[derive(serde::Deserialize)]
+struct LagStatistics {
+    #[serde(default)]
+    topics: std::collections::HashMap<String, TopicStatistics>,
+}
+
+#[derive(serde::Deserialize)]
+struct TopicStatistics {
+    #[serde(default)]
+    partitions: std::collections::HashMap<String, PartitionStatistics>,
+}
+
+#[derive(serde::Deserialize)]
+struct PartitionStatistics {
+    #[serde(default)]
+    desired: bool,
+    #[serde(default = "unknown_lag")]
+    consumer_lag: i64,
+}
+
+fn unknown_lag() -> i64 {
+    -1
 }
 
 impl ConsumerContext for IdemContext {
@@ -301,7 +334,22 @@ pub fn client_config(config: &Config) -> ClientConfig {
             "session.timeout.ms",
             config.kafka.session_timeout_ms.to_string(),
         )
+        .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false");
+    client
+}
+
+/// The client that reads committed offsets and watermarks: same broker and
+/// group, never subscribed, no statistics.
+fn lookup_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (k, v) in &config.kafka.properties {
+        client.set(k, v);
+    }
+    client
+        .set("bootstrap.servers", &config.kafka.bootstrap_servers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false");
     client
 }
 
@@ -325,7 +373,7 @@ pub fn run(
         metrics: Arc::clone(metrics),
         offset_reset: config.kafka.offset_reset,
         catch_up: Mutex::new(CatchUp::new()),
-        lookup: client_config(config).create()?,
+        lookup: lookup_config(config).create()?,
     };
     let consumer: BaseConsumer<IdemContext> = client_config(config).create_with_context(context)?;
     consumer.subscribe(&config.topic_names())?;

@@ -405,10 +405,12 @@ mod tests {
         assert_eq!(apply(&mut sink, "b", r3), WriteOutcome::Applied);
         let r2 = r#"{"id":"ord-10","ver":2,"qty":2}"#;
         assert_eq!(apply(&mut sink, "c", r2), WriteOutcome::Stale);
+        assert_eq!(apply(&mut sink, "b", r3), WriteOutcome::AlreadyPresent, "re-apply");
+        let other_body = r#"{"id":"ord-10","ver":3,"qty":30}"#;
         assert_eq!(
-            apply(&mut sink, "b", r3),
-            WriteOutcome::Applied,
-            "re-apply is a no-op"
+            apply(&mut sink, "d", other_body),
+            WriteOutcome::AlreadyPresent,
+            "the first body of a version stays"
         );
         let (ver, qty): (i64, i64) = sink
             .conn

@@ -89,3 +89,22 @@ impl CatchUp {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_only_while_far_behind() {
+        let mut c = CatchUp::new();
+        c.update(10, 0);
+        assert!(c.run.is_none(), "a small lag is not a catch-up");
+        c.update(50_000, 100);
+        let run = c.run.as_ref().expect("started");
+        assert_eq!(run.read_at_start, 100);
+        c.update(20_000, 30_100);
+        assert!(c.run.is_some());
+        c.update(0, 50_100);
+        assert!(c.run.is_none(), "caught up");
+    }
+}
