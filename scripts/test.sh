@@ -42,7 +42,7 @@ passed=0; failed=0; broker=0
 current=""
 while IFS= read -r line; do
   case "$line" in
-    *"Running tests/pipeline.rs"*|*"Running tests/crash.rs"*|*"Running tests/operations.rs"*) current=broker ;;
+    *"Running tests/pipeline.rs"*|*"Running tests/crash.rs"*|*"Running tests/operations.rs"*|*"Running tests/observability.rs"*) current=broker ;;
     *"Running "*) current=other ;;
     "test result:"*)
       p=$(sed -E 's/.* ([0-9]+) passed.*/\1/' <<<"$line")

@@ -336,6 +336,15 @@ pub struct MetricsConfig {
     /// default, so that nothing is exposed unless asked for.
     #[serde(default = "default_metrics_listen")]
     pub listen: String,
+    /// How often the per-partition dedup gauges are refreshed by a scan of
+    /// the store (a few seconds of one core per ten million keys); 0 turns
+    /// the scan off.
+    #[serde(default = "default_dedup_scan_secs")]
+    pub dedup_scan_secs: u64,
+}
+
+fn default_dedup_scan_secs() -> u64 {
+    60
 }
 
 fn default_metrics_listen() -> String {
@@ -346,6 +355,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: default_metrics_listen(),
+            dedup_scan_secs: default_dedup_scan_secs(),
         }
     }
 }

@@ -169,16 +169,17 @@ fn run_service(config: Config, rebuild: bool) -> anyhow::Result<()> {
     let addr = config.metrics.listen.parse().expect("validated at load");
     let pipeline = Pipeline::new(config).with_rebuild(rebuild);
     let metrics = pipeline.metrics();
+    let readiness = pipeline.readiness();
     let shutdown = pipeline.shutdown_handle();
 
     runtime.block_on(async move {
-        let (bound, serve) = server::bind(addr, Arc::clone(&metrics))
+        let (bound, serve) = server::bind(addr, Arc::clone(&metrics), readiness)
             .await
             .map_err(|source| BadListenAddress {
                 addr: addr.to_string(),
                 source,
             })?;
-        tracing::info!(%bound, "serving /metrics and /healthz");
+        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
         tokio::spawn(async move {
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "metrics server failed");

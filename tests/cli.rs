@@ -13,12 +13,19 @@ fn idem(args: &[&str]) -> std::process::Output {
 #[test]
 fn shipped_config_is_valid_and_check_config_prints_it_back() {
     let out = idem(&["check-config", "--config", "config/idem.toml"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed = String::from_utf8(out.stdout).unwrap();
     let again = idem::config::Config::parse(&printed, std::path::Path::new("printed"))
         .expect("check-config prints a valid config");
     assert_eq!(again.kafka.group_id, "idem");
-    assert_eq!(again.dedup.window, std::time::Duration::from_secs(7 * 86_400));
+    assert_eq!(
+        again.dedup.window,
+        std::time::Duration::from_secs(7 * 86_400)
+    );
 }
 
 #[test]

@@ -32,7 +32,7 @@ use crate::outcome::Outcome;
 use crate::record::{Offset, Partition, Record};
 use crate::sink::{Sink, SinkWrite, WriteOutcome};
 use crate::telemetry::events::Event as Telemetry;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Readiness};
 
 /// Commits offsets to Kafka. A trait so that the write path can be driven
 /// by the consumer loop and by the rebalance callback alike.
@@ -81,10 +81,11 @@ pub struct BatchProcessor {
     topics: HashMap<String, KeySource>,
     limits: LimitsConfig,
     retry: RetryConfig,
-    store: DedupStore,
+    store: Arc<DedupStore>,
     sink: Box<dyn Sink>,
     dead_letters: DeadLetterProducer,
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
     crash: Arc<CrashPlan>,
     shutdown: Shutdown,
 }
@@ -93,10 +94,11 @@ impl BatchProcessor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
-        store: DedupStore,
+        store: Arc<DedupStore>,
         sink: Box<dyn Sink>,
         dead_letters: DeadLetterProducer,
         metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
         crash: Arc<CrashPlan>,
         shutdown: Shutdown,
     ) -> Self {
@@ -112,12 +114,13 @@ impl BatchProcessor {
             sink,
             dead_letters,
             metrics,
+            readiness,
             crash,
             shutdown,
         }
     }
 
-    pub fn store(&self) -> &DedupStore {
+    pub fn store(&self) -> &Arc<DedupStore> {
         &self.store
     }
 
@@ -239,9 +242,6 @@ impl BatchProcessor {
             }
             .emit(&self.metrics);
         }
-        self.metrics
-            .dedup_keys
-            .set(i64::try_from(self.store.estimated_keys()).unwrap_or(i64::MAX));
         Telemetry::BatchCommitted {
             records: records.len(),
             elapsed: started.elapsed(),
@@ -324,6 +324,7 @@ impl BatchProcessor {
             let started = Instant::now();
             match self.sink.apply(&batch) {
                 Ok(outcomes) => {
+                    self.readiness.set_sink_ok(true);
                     self.metrics
                         .sink_write_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -335,8 +336,10 @@ impl BatchProcessor {
                     return Ok(outcomes);
                 }
                 Err(error) => {
+                    self.readiness.set_sink_ok(false);
                     let delay = backoff.next_delay();
                     Telemetry::SinkWriteFailed {
+                        sink: self.sink.name(),
                         error: &error,
                         attempt: backoff.attempt(),
                         backoff: delay,

@@ -26,7 +26,7 @@ use crate::record::{Partition, Record};
 use crate::telemetry::events::Event as Telemetry;
 use crate::telemetry::logging::route_librdkafka_log;
 use crate::telemetry::progress::CatchUp;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Readiness};
 
 /// Records polled but not yet processed, and the processor that will take
 /// them.
@@ -90,6 +90,7 @@ pub struct IdemContext {
     engine: Arc<Mutex<Engine>>,
     metrics: Arc<Metrics>,
     offset_reset: OffsetReset,
+    readiness: Arc<Readiness>,
     catch_up: Mutex<CatchUp>,
     /// A second client of the same group that never joins it: it reads
     /// committed offsets and watermarks while the group's own handle is in
@@ -208,11 +209,14 @@ impl ConsumerContext for IdemContext {
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => Telemetry::PartitionsAssigned {
-                partitions: &describe(tpl),
-                count: tpl.count(),
+            Rebalance::Assign(tpl) => {
+                self.readiness.set_assigned(true);
+                Telemetry::PartitionsAssigned {
+                    partitions: &describe(tpl),
+                    count: tpl.count(),
+                }
+                .emit(&self.metrics)
             }
-            .emit(&self.metrics),
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
@@ -358,6 +362,7 @@ pub fn run(
     config: &Config,
     processor: BatchProcessor,
     metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
     shutdown: &Shutdown,
 ) -> Result<RunEnd, PipelineError> {
     let engine = Arc::new(Mutex::new(Engine {
@@ -372,6 +377,7 @@ pub fn run(
         engine: Arc::clone(&engine),
         metrics: Arc::clone(metrics),
         offset_reset: config.kafka.offset_reset,
+        readiness: Arc::clone(readiness),
         catch_up: Mutex::new(CatchUp::new()),
         lookup: lookup_config(config).create()?,
     };

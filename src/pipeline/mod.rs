@@ -12,6 +12,8 @@ pub mod retry;
 pub mod start;
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use tracing::info;
@@ -23,7 +25,7 @@ use crate::dedup::{DedupStore, StoreError};
 use crate::failpoint::CrashPlan;
 use crate::sink::sqlite::SqliteSink;
 use crate::sink::{Sink, SinkError};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Readiness};
 use batch::BatchProcessor;
 use retry::{Backoff, Shutdown};
 
@@ -56,6 +58,7 @@ pub struct Pipeline {
     crash: Arc<CrashPlan>,
     shutdown: Shutdown,
     rebuild: bool,
+    readiness: Arc<Readiness>,
 }
 
 impl Pipeline {
@@ -67,7 +70,13 @@ impl Pipeline {
             crash: Arc::new(CrashPlan::none()),
             shutdown: Shutdown::new(),
             rebuild: false,
+            readiness: Arc::new(Readiness::default()),
         }
+    }
+
+    /// What `/readyz` reports.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        Arc::clone(&self.readiness)
     }
 
     /// Rebuild mode: dedup entries from before this run read as absent, so
@@ -130,16 +139,20 @@ impl Pipeline {
                  record read is applied again; restart without --rebuild once caught up"
             );
         }
+        let store = Arc::new(store);
         let Some(sink) = self.open_sink()? else {
             return Ok(RunEnd::Stopped);
         };
+        self.readiness.set_sink_ok(true);
+        self.metrics.register_sink(sink.name());
         let dead_letters = DeadLetterProducer::new(&self.config)?;
         let processor = BatchProcessor::new(
             &self.config,
-            store,
+            Arc::clone(&store),
             sink,
             dead_letters,
             Arc::clone(&self.metrics),
+            Arc::clone(&self.readiness),
             Arc::clone(&self.crash),
             self.shutdown.clone(),
         );
@@ -149,7 +162,21 @@ impl Pipeline {
             window_secs = self.config.dedup.window.as_secs(),
             "pipeline starting"
         );
-        consumer::run(&self.config, processor, &self.metrics, &self.shutdown)
+        let scan = DedupScan::start(
+            store,
+            Arc::clone(&self.metrics),
+            Duration::from_secs(self.config.metrics.dedup_scan_secs),
+        );
+        let end = consumer::run(
+            &self.config,
+            processor,
+            &self.metrics,
+            &self.readiness,
+            &self.shutdown,
+        );
+        self.readiness.set_assigned(false);
+        scan.stop();
+        end
     }
 
     /// Opens the sink, waiting out a locked or unreachable one. `None`
@@ -170,6 +197,54 @@ impl Pipeline {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+}
+
+/// Refreshes the per-partition dedup gauges from a scan of the store, on
+/// a thread of its own, every `metrics.dedup_scan_secs` (0: never).
+struct DedupScan {
+    stop: Shutdown,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DedupScan {
+    fn start(store: Arc<DedupStore>, metrics: Arc<Metrics>, every: Duration) -> DedupScan {
+        let stop = Shutdown::new();
+        let thread = (!every.is_zero()).then(|| {
+            let stop = stop.clone();
+            std::thread::spawn(move || loop {
+                match store.stats() {
+                    Ok(stats) => {
+                        metrics.dedup_keys.reset();
+                        metrics.dedup_bytes.reset();
+                        for s in stats {
+                            let labels = [s.topic.as_str(), &s.partition.to_string()];
+                            metrics
+                                .dedup_keys
+                                .with_label_values(&labels)
+                                .set(s.keys as i64);
+                            metrics
+                                .dedup_bytes
+                                .with_label_values(&labels)
+                                .set(s.bytes as i64);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "dedup store scan failed"),
+                }
+                if stop.sleep(every) {
+                    return;
+                }
+            })
+        });
+        DedupScan { stop, thread }
+    }
+
+    /// Stops the thread and waits for it, so that the store can be closed.
+    fn stop(mut self) {
+        self.stop.trigger();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

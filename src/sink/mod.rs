@@ -66,6 +66,9 @@ impl SinkError {
 
 /// A place where records take effect.
 pub trait Sink: Send {
+    /// A short fixed name for metrics and logs, e.g. `sqlite`.
+    fn name(&self) -> &'static str;
+
     /// Applies `batch` in order and returns one outcome per record, after
     /// the applied records are durable.
     ///

@@ -293,6 +293,10 @@ impl SqliteSink {
 }
 
 impl Sink for SqliteSink {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
     fn apply(&mut self, batch: &[SinkWrite<'_>]) -> Result<Vec<WriteOutcome>, SinkError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -405,7 +409,11 @@ mod tests {
         assert_eq!(apply(&mut sink, "b", r3), WriteOutcome::Applied);
         let r2 = r#"{"id":"ord-10","ver":2,"qty":2}"#;
         assert_eq!(apply(&mut sink, "c", r2), WriteOutcome::Stale);
-        assert_eq!(apply(&mut sink, "b", r3), WriteOutcome::AlreadyPresent, "re-apply");
+        assert_eq!(
+            apply(&mut sink, "b", r3),
+            WriteOutcome::AlreadyPresent,
+            "re-apply"
+        );
         let other_body = r#"{"id":"ord-10","ver":3,"qty":30}"#;
         assert_eq!(
             apply(&mut sink, "d", other_body),

@@ -22,6 +22,7 @@ pub enum Event<'a> {
     },
     /// The sink failed a batch; it is retried after `backoff`.
     SinkWriteFailed {
+        sink: &'static str,
         error: &'a SinkError,
         attempt: u32,
         backoff: Duration,
@@ -73,13 +74,14 @@ impl Event<'_> {
                 );
             }
             Event::SinkWriteFailed {
+                sink,
                 error,
                 attempt,
                 backoff,
             } => {
                 metrics
                     .sink_retries
-                    .with_label_values(&[error.cause()])
+                    .with_label_values(&[sink, error.cause()])
                     .inc();
                 let backoff_ms = backoff.as_millis() as u64;
                 match error {

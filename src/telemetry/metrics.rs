@@ -27,7 +27,8 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
-    pub dedup_keys: IntGauge,
+    pub dedup_keys: IntGaugeVec,
+    pub dedup_bytes: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
@@ -63,6 +64,13 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             registry
@@ -93,8 +101,8 @@ impl Metrics {
             ),
             sink_retries: counter_vec(
                 "idem_sink_retries_total",
-                "Sink batches retried after a transient failure, by cause.",
-                &["cause"],
+                "Sink batches retried after a transient failure, by sink and cause.",
+                &["sink", "cause"],
             ),
             commit_failures: counter(
                 "idem_offset_commit_failures_total",
@@ -129,10 +137,17 @@ impl Metrics {
                 "idem_assigned_partitions",
                 "Partitions currently assigned to this instance.",
             ),
-            dedup_keys: gauge(
+            dedup_keys: gauge_vec(
                 "idem_dedup_keys",
-                "Entries in the dedup store (RocksDB's estimate; includes expired \
-                 keys not yet compacted away).",
+                "Keys in the dedup store per partition, expired keys not yet \
+                 compacted away included (a scan every metrics.dedup_scan_secs).",
+                &["topic", "partition"],
+            ),
+            dedup_bytes: gauge_vec(
+                "idem_dedup_bytes",
+                "Bytes of keys and values in the dedup store per partition, before \
+                 compression (a scan every metrics.dedup_scan_secs).",
+                &["topic", "partition"],
             ),
             consumer_lag: {
                 let g = IntGaugeVec::new(
@@ -169,6 +184,9 @@ impl Metrics {
         for reason in DeadLetterReason::ALL {
             metrics.dead_letters.with_label_values(&[reason.as_str()]);
         }
+        for kind in ["assign", "revoke"] {
+            metrics.rebalances.with_label_values(&[kind]);
+        }
         metrics
     }
 
@@ -178,6 +196,13 @@ impl Metrics {
         self.records_read.with_label_values(&[topic]);
         for outcome in Outcome::ALL {
             self.records.with_label_values(&[topic, outcome.as_str()]);
+        }
+    }
+
+    /// Makes the retry series of a sink exist at zero.
+    pub fn register_sink(&self, sink: &str) {
+        for cause in ["unavailable", "needs-operator"] {
+            self.sink_retries.with_label_values(&[sink, cause]);
         }
     }
 

@@ -8,3 +8,37 @@ pub mod progress;
 pub mod server;
 
 pub use metrics::Metrics;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What `/readyz` reports: the consumer has joined its group and received
+/// an assignment, and the sink's last write succeeded.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    assigned: AtomicBool,
+    sink_ok: AtomicBool,
+}
+
+impl Readiness {
+    pub fn set_assigned(&self, v: bool) {
+        self.assigned.store(v, Ordering::SeqCst);
+    }
+
+    pub fn set_sink_ok(&self, v: bool) {
+        self.sink_ok.store(v, Ordering::SeqCst);
+    }
+
+    /// `Ok` when ready, otherwise what is missing.
+    ///
+    /// # Errors
+    /// The reason it is not ready, for the response body.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !self.assigned.load(Ordering::SeqCst) {
+            Err("not ready: waiting for a partition assignment from the consumer group\n")
+        } else if !self.sink_ok.load(Ordering::SeqCst) {
+            Err("not ready: the sink is unreachable or failing; idem is retrying\n")
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -1,15 +1,17 @@
-//! The HTTP endpoints: `/metrics` (Prometheus text) and `/healthz`.
+//! The HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the
+//! process is alive) and `/readyz` (assigned and the sink reachable).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use super::Metrics;
+use super::{Metrics, Readiness};
 
 /// Binds the address now (so that a taken port fails at start-up) and
 /// returns the bound address and the server future.
@@ -19,6 +21,7 @@ use super::Metrics;
 pub async fn bind(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
 ) -> std::io::Result<(
     SocketAddr,
     impl std::future::Future<Output = std::io::Result<()>>,
@@ -39,6 +42,18 @@ pub async fn bind(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let readiness = Arc::clone(&readiness);
+                async move {
+                    match readiness.check() {
+                        Ok(()) => (StatusCode::OK, "ready\n"),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                    }
+                }
+            }),
+        );
     Ok((bound, async move { axum::serve(listener, app).await }))
 }
