@@ -6,7 +6,8 @@ while true; do
   i=0
   while [ $i -lt 50 ]; do
     n=$((n + 1))
-    line="ord-$((n % 500))|Idempotency-Key:evt-$n|{\"id\":\"ord-$((n % 500))\",\"ver\":$n,\"qty\":$((n % 9 + 1))}"
+    # headers | key | value
+    line="Idempotency-Key:evt-$n|ord-$((n % 500))|{\"id\":\"ord-$((n % 500))\",\"ver\":$n,\"qty\":$((n % 9 + 1))}"
     echo "$line"
     if [ $((n % 5)) -eq 0 ]; then echo "$line"; fi
     i=$((i + 1))

@@ -82,3 +82,48 @@ fn demo_json_adds_up_and_matches_the_sink() {
     assert!(n("dead_lettered") >= 2 && n("filtered") == 1);
     assert_eq!(n("crashes"), 1);
 }
+
+/// The compose stack refers only to files that exist, and idem's config in
+/// it is valid. (`docker compose config` needs Docker's compose plugin,
+/// which the test machines lack.)
+#[test]
+fn compose_stack_files_exist_and_its_config_is_valid() {
+    let compose = std::fs::read_to_string("docker-compose.yml").unwrap();
+    for service in [
+        "kafka:",
+        "postgres:",
+        "idem:",
+        "producer:",
+        "prometheus:",
+        "grafana:",
+    ] {
+        assert!(
+            compose.contains(&format!("\n  {service}")),
+            "service {service} missing"
+        );
+    }
+    for line in compose.lines() {
+        let line = line.trim().trim_start_matches("- ");
+        if let Some(path) = line.strip_prefix("./").and_then(|l| l.split(':').next()) {
+            assert!(
+                std::path::Path::new(path).exists(),
+                "docker-compose.yml mounts missing {path}"
+            );
+        }
+    }
+    for file in [
+        "Dockerfile",
+        "deploy/prometheus.yml",
+        "deploy/sample-producer.sh",
+        "dashboards/provisioning/datasources/prometheus.yml",
+        "dashboards/provisioning/dashboards/idem.yml",
+    ] {
+        assert!(std::path::Path::new(file).exists(), "{file} missing");
+    }
+    let out = idem(&["check-config", "--config", "config/idem.docker.toml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
