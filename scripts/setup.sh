@@ -9,9 +9,9 @@ need=()
 # libclang: RocksDB's bindings; cmake and the curl, SASL and OpenSSL
 # headers: librdkafka's vendored build; Java 17 and Maven: the test broker;
 # python3: the tests' SQLite lock holder; prometheus (with promtool): the
-# dashboard test.
+# dashboard test; postgresql: the PostgreSQL sink's tests.
 for pkg in libclang-dev clang cmake make g++ pkg-config libcurl4-openssl-dev libsasl2-dev \
-    libssl-dev zlib1g-dev maven openjdk-17-jre-headless python3 prometheus; do
+    libssl-dev zlib1g-dev maven openjdk-17-jre-headless python3 prometheus postgresql; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -199,6 +199,46 @@ pub struct DedupConfig {
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum SinkConfig {
     Sqlite(SqliteSinkConfig),
+    Postgres(PostgresSinkConfig),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// A libpq-style URL, e.g. `postgresql://idem:secret@db:5432/orders`.
+    /// `idem check-config` shows its password as `<redacted>`.
+    pub url: String,
+    /// Connections kept open.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// `disable`, `require` (encrypt, trust any certificate) or
+    /// `verify-full` (encrypt and verify the server's certificate and name).
+    #[serde(default)]
+    pub tls: PostgresTls,
+    /// A PEM file with extra CA certificates for `verify-full`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The server cancels a batch statement running longer than this; the
+    /// batch is then retried.
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    pub table: TableConfig,
+}
+
+fn default_pool_size() -> usize {
+    2
+}
+fn default_statement_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresTls {
+    #[default]
+    Disable,
+    Require,
+    VerifyFull,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -476,6 +516,24 @@ impl Config {
         }
         match &self.sink {
             SinkConfig::Sqlite(sqlite) => sqlite.table.validate("sink.table")?,
+            SinkConfig::Postgres(pg) => {
+                if !(pg.url.starts_with("postgres://") || pg.url.starts_with("postgresql://")) {
+                    return Err(invalid(
+                        "sink.url",
+                        "must be a postgresql:// URL, e.g. \"postgresql://idem@db:5432/orders\"",
+                    ));
+                }
+                if pg.pool_size == 0 {
+                    return Err(invalid("sink.pool_size", "must be at least 1"));
+                }
+                if pg.ca_file.is_some() && pg.tls != PostgresTls::VerifyFull {
+                    return Err(invalid(
+                        "sink.ca_file",
+                        "is used only with tls = \"verify-full\"",
+                    ));
+                }
+                pg.table.validate("sink.table")?;
+            }
         }
         Ok(())
     }
@@ -663,7 +721,24 @@ pub fn describe(config: &Config) -> String {
             *value = "<redacted>".to_string();
         }
     }
+    if let SinkConfig::Postgres(pg) = &mut shown.sink {
+        pg.url = redact_url_password(&pg.url);
+    }
     toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("{shown:#?}\n({e})"))
+}
+
+/// `postgresql://user:secret@host/db` becomes `postgresql://user:<redacted>@host/db`.
+pub fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => url.to_string(),
+    }
 }
 
 fn is_secret(property: &str) -> bool {
@@ -753,7 +828,9 @@ topic = "orders.v1.dlq"
         assert_eq!(config.dedup.window, Duration::from_secs(7 * 86_400));
         assert_eq!(config.topics[0].key, KeySource::default());
         assert_eq!(config.batch.max_records, 1000);
-        let SinkConfig::Sqlite(sqlite) = &config.sink;
+        let SinkConfig::Sqlite(sqlite) = &config.sink else {
+            panic!("the test config uses SQLite");
+        };
         assert_eq!(
             sqlite.table.version_source("t").unwrap(),
             VersionSource::Pointer("/ver".into())
@@ -807,6 +884,18 @@ topic = "orders.v1.dlq"
         let shown = describe(&parse(&text).unwrap());
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn postgres_password_is_redacted() {
+        assert_eq!(
+            redact_url_password("postgresql://idem:s3cret@db:5432/orders"),
+            "postgresql://idem:<redacted>@db:5432/orders"
+        );
+        assert_eq!(
+            redact_url_password("postgresql://idem@db/x"),
+            "postgresql://idem@db/x"
+        );
     }
 
     #[test]

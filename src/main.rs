@@ -172,35 +172,33 @@ fn run_service(config: Config, rebuild: bool) -> anyhow::Result<()> {
     let readiness = pipeline.readiness();
     let shutdown = pipeline.shutdown_handle();
 
-    runtime.block_on(async move {
-        let (bound, serve) = server::bind(addr, Arc::clone(&metrics), readiness)
-            .await
-            .map_err(|source| BadListenAddress {
-                addr: addr.to_string(),
-                source,
-            })?;
-        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
-        tokio::spawn(async move {
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
-
-        let on_signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("signal received; finishing the batch in flight");
-            on_signal.trigger();
-        });
-
-        let end = tokio::task::spawn_blocking(move || pipeline.run())
-            .await
-            .context("pipeline thread panicked")??;
-        match end {
-            RunEnd::Stopped => Ok(()),
-            RunEnd::Crashed(point) => anyhow::bail!("stopped at crash point {point}"),
+    // The runtime serves HTTP and waits for signals on its own thread; the
+    // pipeline, which blocks by nature (RocksDB, SQLite), runs here.
+    let (bound, serve) = runtime
+        .block_on(server::bind(addr, Arc::clone(&metrics), readiness))
+        .map_err(|source| BadListenAddress {
+            addr: addr.to_string(),
+            source,
+        })?;
+    tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    runtime.spawn(async move {
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "metrics server failed");
         }
-    })
+    });
+    let on_signal = shutdown.clone();
+    runtime.spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; finishing the batch in flight");
+        on_signal.trigger();
+    });
+
+    let end = pipeline.run()?;
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match end {
+        RunEnd::Stopped => Ok(()),
+        RunEnd::Crashed(point) => anyhow::bail!("stopped at crash point {point}"),
+    }
 }
 
 async fn wait_for_signal() {

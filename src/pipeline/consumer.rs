@@ -40,6 +40,10 @@ struct Engine {
     failed: Option<BatchError>,
     /// After a crash, nothing more may be processed or committed.
     dead: bool,
+    /// Partitions started from idem's stored progress: that offset is
+    /// durable in the dedup store, and is committed to the group as soon as
+    /// the loop is out of the rebalance callback.
+    start_commits: Vec<Progress>,
 }
 
 impl Engine {
@@ -196,13 +200,10 @@ impl ConsumerContext for IdemContext {
             // Set where each new partition starts before librdkafka assigns
             // it; the list handed to us is the one it assigns.
             let mut engine = self.engine();
-            if let Err(refused) = set_start_offsets(
-                &self.lookup,
-                tpl,
-                engine.processor.store(),
-                self.offset_reset,
-            ) {
-                engine.failed = Some(BatchError::NoStartingOffset(refused));
+            let store = engine.processor.store();
+            match set_start_offsets(&self.lookup, tpl, store, self.offset_reset) {
+                Ok(from_store) => engine.start_commits.extend(from_store),
+                Err(refused) => engine.failed = Some(BatchError::NoStartingOffset(refused)),
             }
         }
     }
@@ -236,6 +237,9 @@ impl OffsetCommitter for BaseConsumer<IdemContext> {
 
 /// Applies [`start::choose`] to each partition of an assignment.
 ///
+/// Returns the partitions started from stored progress, whose offsets
+/// should be committed.
+///
 /// # Errors
 /// A description of the partition that policy `fail` refuses to start.
 fn set_start_offsets(
@@ -243,13 +247,14 @@ fn set_start_offsets(
     tpl: &TopicPartitionList,
     store: &DedupStore,
     policy: OffsetReset,
-) -> Result<(), String> {
+) -> Result<Vec<Progress>, String> {
+    let mut from_store = Vec::new();
     let timeout = Duration::from_secs(10);
     let committed = match consumer.committed_offsets(tpl.clone(), timeout) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot read committed offsets; librdkafka applies kafka.offset_reset");
-            return Ok(());
+            return Ok(from_store);
         }
     };
     for mut elem in tpl.elements() {
@@ -276,7 +281,14 @@ fn set_start_offsets(
         let choice = start::choose(group_offset, stored, low, high, policy);
         let offset = match choice {
             Start::Committed => continue,
-            Start::Stored(o) => KafkaOffset::Offset(o),
+            Start::Stored(o) => {
+                from_store.push(Progress {
+                    topic: topic.clone(),
+                    partition: Partition(partition),
+                    next: crate::record::Offset(o),
+                });
+                KafkaOffset::Offset(o)
+            }
             Start::Earliest => KafkaOffset::Beginning,
             Start::Latest => KafkaOffset::End,
             Start::Refuse => {
@@ -306,7 +318,7 @@ fn set_start_offsets(
             warn!(topic, partition, error = %e, "cannot set the start offset");
         }
     }
-    Ok(())
+    Ok(from_store)
 }
 
 fn describe(tpl: &TopicPartitionList) -> String {
@@ -372,6 +384,7 @@ pub fn run(
         first_polled: None,
         failed: None,
         dead: false,
+        start_commits: Vec::new(),
     }));
     let context = IdemContext {
         engine: Arc::clone(&engine),
@@ -394,6 +407,17 @@ pub fn run(
         let polled = consumer.poll(timeout);
         if let Some(e) = lock().failed.take() {
             break Err(e);
+        }
+        let starts = std::mem::take(&mut lock().start_commits);
+        if !starts.is_empty() {
+            if let Err(error) = OffsetCommitter::commit(&consumer, &starts) {
+                // Tried again on the next turn of the loop.
+                warn!(
+                    error,
+                    "cannot commit the offsets taken from stored progress yet"
+                );
+                lock().start_commits = starts;
+            }
         }
         match polled {
             Some(Ok(message)) => {

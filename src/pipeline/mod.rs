@@ -23,6 +23,7 @@ use crate::config::{Config, SinkConfig};
 use crate::dead_letter::DeadLetterProducer;
 use crate::dedup::{DedupStore, StoreError};
 use crate::failpoint::CrashPlan;
+use crate::sink::postgres::PostgresSink;
 use crate::sink::sqlite::SqliteSink;
 use crate::sink::{Sink, SinkError};
 use crate::telemetry::{Metrics, Readiness};
@@ -186,6 +187,9 @@ impl Pipeline {
         loop {
             let opened = match &self.config.sink {
                 SinkConfig::Sqlite(c) => SqliteSink::open(c).map(|s| Box::new(s) as Box<dyn Sink>),
+                SinkConfig::Postgres(c) => {
+                    PostgresSink::open(c).map(|s| Box::new(s) as Box<dyn Sink>)
+                }
             };
             match opened {
                 Ok(sink) => return Ok(Some(sink)),

@@ -7,7 +7,9 @@
 //! a crash between the sink write and the dedup write harmless: the replay
 //! writes the same thing again.
 
+pub mod postgres;
 pub mod sqlite;
+pub mod table;
 
 use serde_json::Value;
 

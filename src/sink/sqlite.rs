@@ -27,37 +27,18 @@ use std::time::Duration;
 use rusqlite::{params_from_iter, Connection, ErrorCode};
 use serde_json::Value;
 
+use super::table::{quote, Cell, TableMapping};
 use super::{Sink, SinkError, SinkWrite, WriteOutcome};
-use crate::config::{SinkMode, SqliteSinkConfig, VersionSource};
+use crate::config::{SinkMode, SqliteSinkConfig};
 use crate::failpoint;
-
-/// How one column gets its value.
-#[derive(Debug, Clone)]
-enum ColumnValue {
-    Pointer(String),
-    Version,
-    IdempotencyKey,
-    Payload,
-}
 
 pub struct SqliteSink {
     conn: Connection,
+    mapping: TableMapping,
     sql: String,
     /// upsert: reads the version a row holds, to tell a replay of the
     /// same version from a stale one.
     version_sql: Option<String>,
-    /// upsert: where the entity key sits among the bound values.
-    entity_index: usize,
-    columns: Vec<ColumnValue>,
-    mode: SinkMode,
-    entity_pointer: Option<String>,
-    version: Option<VersionSource>,
-}
-
-fn quote(name: &str) -> String {
-    // Names are validated at start-up to [A-Za-z0-9_]; quoting keeps SQL
-    // keywords usable as column names.
-    format!("\"{name}\"")
 }
 
 impl SqliteSink {
@@ -77,148 +58,62 @@ impl SqliteSink {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(classify_batch_error)?;
 
-        let table = &config.table;
-        let mut names = Vec::new();
-        let mut columns = Vec::new();
-        let (entity_pointer, version) = match table.mode {
-            SinkMode::Upsert => {
-                let key_column = table.key_column.clone().expect("validated");
-                let version_column = table.version_column.clone().expect("validated");
-                let version = table.version_source("sink.table").expect("validated");
-                for (name, pointer) in &table.columns {
-                    if *name != version_column {
-                        names.push(name.clone());
-                        columns.push(ColumnValue::Pointer(pointer.clone()));
-                    }
-                }
-                names.push(version_column);
-                columns.push(ColumnValue::Version);
-                (Some(table.columns[&key_column].clone()), Some(version))
-            }
-            SinkMode::Insert => {
-                names.push(table.insert_key_column().to_string());
-                columns.push(ColumnValue::IdempotencyKey);
-                for (name, pointer) in &table.columns {
-                    names.push(name.clone());
-                    columns.push(ColumnValue::Pointer(pointer.clone()));
-                }
-                (None, None)
-            }
-        };
-        if let Some(payload) = &table.payload_column {
-            names.push(payload.clone());
-            columns.push(ColumnValue::Payload);
-        }
-
-        let key_column = match table.mode {
-            SinkMode::Upsert => table.key_column.as_deref().expect("validated"),
-            SinkMode::Insert => table.insert_key_column(),
-        };
-        if table.create {
-            let defs: Vec<String> = names
+        let mapping = TableMapping::new(&config.table);
+        let table = quote(&mapping.table);
+        let key = quote(&mapping.key_column);
+        if config.table.create {
+            // Untyped columns: SQLite stores each value with its own type.
+            let defs: Vec<String> = mapping
+                .names
                 .iter()
                 .map(|n| {
-                    if n == key_column {
+                    if *n == mapping.key_column {
                         format!("{} PRIMARY KEY NOT NULL", quote(n))
                     } else {
                         quote(n)
                     }
                 })
                 .collect();
-            let ddl = format!(
-                "CREATE TABLE IF NOT EXISTS {} ({})",
-                quote(&table.name),
-                defs.join(", ")
-            );
+            let ddl = format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", "));
             conn.execute(&ddl, []).map_err(classify_batch_error)?;
         }
 
-        let quoted: Vec<String> = names.iter().map(|n| quote(n)).collect();
-        let placeholders = vec!["?"; names.len()].join(", ");
+        let quoted: Vec<String> = mapping.names.iter().map(|n| quote(n)).collect();
         let insert = format!(
-            "INSERT INTO {} ({}) VALUES ({})",
-            quote(&table.name),
+            "INSERT INTO {table} ({}) VALUES ({})",
             quoted.join(", "),
-            placeholders
+            vec!["?"; quoted.len()].join(", ")
         );
-        let sql = match table.mode {
-            SinkMode::Upsert => {
-                let version_column = quote(table.version_column.as_deref().expect("validated"));
+        let (sql, version_sql) = match &mapping.version_column {
+            Some(version) => {
+                let v = quote(version);
                 let updates: Vec<String> = quoted
                     .iter()
-                    .filter(|c| **c != quote(key_column))
+                    .filter(|c| **c != key)
                     .map(|c| format!("{c} = excluded.{c}"))
                     .collect();
-                format!(
-                    "{insert} ON CONFLICT ({}) DO UPDATE SET {} WHERE excluded.{v} > {}.{v}",
-                    quote(key_column),
-                    updates.join(", "),
-                    quote(&table.name),
-                    v = version_column,
+                (
+                    format!(
+                        "{insert} ON CONFLICT ({key}) DO UPDATE SET {} \
+                         WHERE excluded.{v} > {table}.{v}",
+                        updates.join(", ")
+                    ),
+                    Some(format!("SELECT {v} FROM {table} WHERE {key} = ?")),
                 )
             }
-            SinkMode::Insert => format!("{insert} ON CONFLICT ({}) DO NOTHING", quote(key_column)),
+            None => (format!("{insert} ON CONFLICT ({key}) DO NOTHING"), None),
         };
-        let version_sql = table.version_column.as_ref().map(|v| {
-            format!(
-                "SELECT {} FROM {} WHERE {} = ?",
-                quote(v),
-                quote(&table.name),
-                quote(key_column)
-            )
-        });
         // Prepare once now so that a schema mismatch fails at start-up.
         conn.prepare_cached(&sql).map_err(classify_batch_error)?;
         if let Some(q) = &version_sql {
             conn.prepare_cached(q).map_err(classify_batch_error)?;
         }
-        let entity_index = names.iter().position(|n| n == key_column).unwrap_or(0);
         Ok(SqliteSink {
             conn,
+            mapping,
             sql,
             version_sql,
-            entity_index,
-            columns,
-            mode: table.mode,
-            entity_pointer,
-            version,
         })
-    }
-
-    /// The values for one record, or why the record cannot be written.
-    fn bind(&self, write: &SinkWrite<'_>) -> Result<Vec<rusqlite::types::Value>, String> {
-        use rusqlite::types::Value as Sql;
-        if let Some(pointer) = &self.entity_pointer {
-            match write.body.pointer(pointer) {
-                None | Some(Value::Null) => {
-                    return Err(format!("payload has no entity key at {pointer}"))
-                }
-                Some(Value::Object(_) | Value::Array(_)) => {
-                    return Err(format!("entity key at {pointer} is not a scalar"))
-                }
-                Some(_) => {}
-            }
-        }
-        let mut values = Vec::with_capacity(self.columns.len());
-        for column in &self.columns {
-            values.push(match column {
-                ColumnValue::Pointer(p) => json_to_sql(write.body.pointer(p)),
-                ColumnValue::IdempotencyKey => Sql::Text(write.key.0.clone()),
-                ColumnValue::Payload => Sql::Text(String::from_utf8_lossy(write.raw).into_owned()),
-                ColumnValue::Version => match self.version.as_ref().expect("upsert") {
-                    VersionSource::KafkaOffset => Sql::Integer(write.offset.0),
-                    VersionSource::Pointer(p) => {
-                        match write.body.pointer(p).and_then(Value::as_i64) {
-                            Some(v) => Sql::Integer(v),
-                            None => {
-                                return Err(format!("version at {p} is missing or not an integer"))
-                            }
-                        }
-                    }
-                },
-            });
-        }
-        Ok(values)
     }
 
     fn apply_in_transaction(
@@ -232,23 +127,17 @@ impl SqliteSink {
                 // Half the batch is written inside the open transaction.
                 failpoint::hit("mid-sink-batch");
             }
-            let values = match self.bind(write) {
-                Ok(values) => values,
+            let row = match self.mapping.row(write) {
+                Ok(row) => row,
                 Err(reason) => {
                     outcomes.push(WriteOutcome::Rejected(reason));
                     continue;
                 }
             };
-            let (entity, version) = match self.mode {
-                SinkMode::Upsert => (
-                    values[self.entity_index].clone(),
-                    values[self.version_index()].clone(),
-                ),
-                SinkMode::Insert => (rusqlite::types::Value::Null, rusqlite::types::Value::Null),
-            };
+            let values = row.cells.iter().map(cell_to_sql);
             match stmt.execute(params_from_iter(values)) {
-                Ok(0) => outcomes.push(match self.mode {
-                    SinkMode::Upsert => self.unchanged_upsert(&entity, &version)?,
+                Ok(0) => outcomes.push(match self.mapping.mode {
+                    SinkMode::Upsert => self.unchanged_upsert(&row.cells, row.version)?,
                     SinkMode::Insert => WriteOutcome::AlreadyPresent,
                 }),
                 Ok(_) => outcomes.push(WriteOutcome::Applied),
@@ -265,26 +154,20 @@ impl SqliteSink {
 }
 
 impl SqliteSink {
-    fn version_index(&self) -> usize {
-        self.columns
-            .iter()
-            .position(|c| matches!(c, ColumnValue::Version))
-            .expect("upsert has a version column")
-    }
-
-    /// An upsert that changed nothing: same version already there, or an
-    /// older one.
+    /// An upsert that changed nothing: the same version is already there,
+    /// or a newer one.
     fn unchanged_upsert(
         &self,
-        entity: &rusqlite::types::Value,
-        version: &rusqlite::types::Value,
+        cells: &[Cell],
+        version: Option<i64>,
     ) -> Result<WriteOutcome, rusqlite::Error> {
         let sql = self.version_sql.as_deref().expect("upsert");
-        let held: rusqlite::types::Value = self
+        let key = cell_to_sql(&cells[self.mapping.key_index]);
+        let held: Option<i64> = self
             .conn
             .prepare_cached(sql)?
-            .query_row([entity], |r| r.get(0))?;
-        Ok(if &held == version {
+            .query_row([key], |r| r.get(0))?;
+        Ok(if held == version {
             WriteOutcome::AlreadyPresent
         } else {
             WriteOutcome::Stale
@@ -319,20 +202,21 @@ impl Sink for SqliteSink {
     }
 }
 
-fn json_to_sql(value: Option<&Value>) -> rusqlite::types::Value {
+fn cell_to_sql(cell: &Cell) -> rusqlite::types::Value {
     use rusqlite::types::Value as Sql;
-    match value {
-        None | Some(Value::Null) => Sql::Null,
-        Some(Value::Bool(b)) => Sql::Integer(i64::from(*b)),
-        Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
+    match cell {
+        Cell::Null | Cell::Json(Value::Null) => Sql::Null,
+        Cell::Int(i) => Sql::Integer(*i),
+        Cell::Text(s) | Cell::Json(Value::String(s)) => Sql::Text(s.clone()),
+        Cell::Json(Value::Bool(b)) => Sql::Integer(i64::from(*b)),
+        Cell::Json(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
             (Some(i), _) => Sql::Integer(i),
             // Integers beyond i64 keep their exact digits as text.
             (None, _) if n.is_u64() => Sql::Text(n.to_string()),
             (None, Some(f)) => Sql::Real(f),
             (None, None) => Sql::Text(n.to_string()),
         },
-        Some(Value::String(s)) => Sql::Text(s.clone()),
-        Some(other) => Sql::Text(other.to_string()),
+        Cell::Json(other) => Sql::Text(other.to_string()),
     }
 }
 

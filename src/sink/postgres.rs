@@ -1,0 +1,481 @@
+//! The PostgreSQL sink.
+//!
+//! Why it is idempotent: the same version guard as the SQLite sink, in one
+//! multi-row statement per batch: `INSERT ... VALUES (...), (...) ON
+//! CONFLICT (key) DO UPDATE ... WHERE excluded.version > table.version`
+//! (upsert) or `... ON CONFLICT (idempotency key) DO NOTHING` (insert).
+//! PostgreSQL refuses a statement that touches one row twice, so a batch is
+//! first reduced to one row per key: the versions each entity holds are
+//! read, the batch is played in order on the client to count each record
+//! as a sequential write would (applied, duplicate, stale), and only the
+//! last applied record of each entity is written.
+//!
+//! Why it is durable: each batch is one transaction, committed with the
+//! server's `synchronous_commit` (on by default).
+//!
+//! Errors: connection loss, a restarting server, serialization failures,
+//! deadlocks, lock and statement timeouts fail the batch as unavailable, and
+//! it is retried. A data error (bad value for a column type, a constraint)
+//! is found by splitting the statement under savepoints until the failing
+//! records are alone; they are rejected and dead-lettered, the rest commit.
+//! Schema errors (missing table or column, permissions) need an operator.
+//!
+//! Values are bound as text parameters and cast to each column's type, read
+//! from the catalog at start-up; so any column type that accepts a text
+//! literal works (`text`, `bigint`, `numeric`, `jsonb`, `timestamptz` ...).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Transaction;
+
+use super::table::{plan_upserts, quote, Cell, Row, TableMapping};
+use super::{Sink, SinkError, SinkWrite, WriteOutcome};
+use crate::config::{PostgresSinkConfig, PostgresTls, SinkMode};
+use crate::failpoint;
+
+/// PostgreSQL takes at most 65,535 parameters in one statement.
+const MAX_PARAMS: usize = 65_535;
+
+pub struct PostgresSink {
+    runtime: tokio::runtime::Runtime,
+    pool: Pool,
+    mapping: TableMapping,
+    /// Each column's type, for the casts.
+    types: Vec<String>,
+    statement_timeout_ms: u64,
+}
+
+/// How a PostgreSQL error is handled.
+#[derive(Debug, PartialEq, Eq)]
+enum ErrorClass {
+    /// The record's values: reject it alone.
+    Record,
+    /// Retry the batch.
+    Transient,
+    /// Retry the batch, and ask for an operator.
+    Operator,
+}
+
+fn classify(e: &tokio_postgres::Error) -> ErrorClass {
+    let Some(code) = e.code() else {
+        // No SQLSTATE: the connection or the I/O under it.
+        return ErrorClass::Transient;
+    };
+    let c = code.code();
+    if c.starts_with("22") || c.starts_with("23") || *code == SqlState::DATATYPE_MISMATCH {
+        ErrorClass::Record
+    } else if ["08", "53", "57", "40", "58"]
+        .iter()
+        .any(|p| c.starts_with(p))
+        || *code == SqlState::LOCK_NOT_AVAILABLE
+    {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Operator
+    }
+}
+
+fn batch_error(e: &tokio_postgres::Error) -> SinkError {
+    let text = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    match classify(e) {
+        ErrorClass::Operator => SinkError::NeedsOperator(text),
+        _ => SinkError::Unavailable(text),
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> SinkError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => batch_error(&e),
+        other => SinkError::Unavailable(other.to_string()),
+    }
+}
+
+impl PostgresSink {
+    /// Connects, creates the table when configured to, and reads the
+    /// column types.
+    ///
+    /// # Errors
+    /// [`SinkError::Unavailable`] when the server cannot be reached;
+    /// [`SinkError::NeedsOperator`] for a bad URL, TLS set-up, or a table
+    /// that lacks a configured column.
+    pub fn open(config: &PostgresSinkConfig) -> Result<PostgresSink, SinkError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| SinkError::NeedsOperator(format!("async runtime: {e}")))?;
+        let pg: tokio_postgres::Config = config
+            .url
+            .parse()
+            .map_err(|e| SinkError::NeedsOperator(format!("sink.url: {e}")))?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match config.tls {
+            PostgresTls::Disable => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
+            PostgresTls::Require | PostgresTls::VerifyFull => {
+                let mut pg = pg;
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Manager::from_config(pg, tls_connector(config)?, manager_config)
+            }
+        };
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| SinkError::NeedsOperator(format!("connection pool: {e}")))?;
+
+        let mapping = TableMapping::new(&config.table);
+        let types = runtime.block_on(async {
+            let client = pool.get().await.map_err(pool_error)?;
+            if config.table.create {
+                client
+                    .batch_execute(&create_table_sql(&mapping))
+                    .await
+                    .map_err(|e| batch_error(&e))?;
+            }
+            column_types(&client, &mapping).await
+        })?;
+        Ok(PostgresSink {
+            runtime,
+            pool,
+            mapping,
+            types,
+            statement_timeout_ms: config.statement_timeout_ms,
+        })
+    }
+}
+
+fn tls_connector(
+    config: &PostgresSinkConfig,
+) -> Result<postgres_native_tls::MakeTlsConnector, SinkError> {
+    let mut builder = native_tls::TlsConnector::builder();
+    match config.tls {
+        PostgresTls::Require => {
+            // Encrypted, but any certificate is taken: as libpq's
+            // sslmode=require.
+            builder
+                .danger_accept_invalid_certs(true)
+                .danger_accept_invalid_hostnames(true);
+        }
+        PostgresTls::VerifyFull => {
+            if let Some(path) = &config.ca_file {
+                let pem = std::fs::read(path).map_err(|e| {
+                    SinkError::NeedsOperator(format!("sink.ca_file {}: {e}", path.display()))
+                })?;
+                let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| {
+                    SinkError::NeedsOperator(format!("sink.ca_file {}: {e}", path.display()))
+                })?;
+                builder.add_root_certificate(cert);
+            }
+        }
+        PostgresTls::Disable => {}
+    }
+    let connector = builder
+        .build()
+        .map_err(|e| SinkError::NeedsOperator(format!("TLS: {e}")))?;
+    Ok(postgres_native_tls::MakeTlsConnector::new(connector))
+}
+
+/// Created tables: the key as text, the version as bigint, everything else
+/// as jsonb, so that values keep their JSON types.
+fn create_table_sql(mapping: &TableMapping) -> String {
+    let defs: Vec<String> = mapping
+        .names
+        .iter()
+        .map(|n| {
+            let ty = if *n == mapping.key_column {
+                "text PRIMARY KEY"
+            } else if Some(n) == mapping.version_column.as_ref() {
+                "bigint NOT NULL"
+            } else {
+                "jsonb"
+            };
+            format!("{} {ty}", quote(n))
+        })
+        .collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} ({})",
+        quote(&mapping.table),
+        defs.join(", ")
+    )
+}
+
+async fn column_types(
+    client: &deadpool_postgres::Client,
+    mapping: &TableMapping,
+) -> Result<Vec<String>, SinkError> {
+    let rows = client
+        .query(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) \
+             FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&quote(&mapping.table)],
+        )
+        .await
+        .map_err(|e| batch_error(&e))?;
+    let found: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    if found.is_empty() {
+        return Err(SinkError::NeedsOperator(format!(
+            "table {} does not exist; create it or set sink.table.create = true",
+            mapping.table
+        )));
+    }
+    mapping
+        .names
+        .iter()
+        .map(|n| {
+            found.get(n).cloned().ok_or_else(|| {
+                SinkError::NeedsOperator(format!("table {} has no column {n}", mapping.table))
+            })
+        })
+        .collect()
+}
+
+impl PostgresSink {
+    /// `($1::text::type, ...), (...)` for `rows` rows.
+    fn values_sql(&self, rows: usize) -> String {
+        let width = self.mapping.names.len();
+        let mut out = String::with_capacity(rows * width * 16);
+        for r in 0..rows {
+            if r > 0 {
+                out.push_str(", ");
+            }
+            out.push('(');
+            for (c, ty) in self.types.iter().enumerate() {
+                if c > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&format!("${}::text::{ty}", r * width + c + 1));
+            }
+            out.push(')');
+        }
+        out
+    }
+
+    fn write_sql(&self, rows: usize) -> String {
+        let m = &self.mapping;
+        let table = quote(&m.table);
+        let key = quote(&m.key_column);
+        let columns: Vec<String> = m.names.iter().map(|n| quote(n)).collect();
+        let insert = format!(
+            "INSERT INTO {table} ({}) VALUES {}",
+            columns.join(", "),
+            self.values_sql(rows)
+        );
+        match &m.version_column {
+            Some(version) => {
+                let v = quote(version);
+                let updates: Vec<String> = columns
+                    .iter()
+                    .filter(|c| **c != key)
+                    .map(|c| format!("{c} = EXCLUDED.{c}"))
+                    .collect();
+                format!(
+                    "{insert} ON CONFLICT ({key}) DO UPDATE SET {} \
+                     WHERE EXCLUDED.{v} > {table}.{v} RETURNING {key}::text",
+                    updates.join(", ")
+                )
+            }
+            None => format!("{insert} ON CONFLICT ({key}) DO NOTHING RETURNING {key}::text"),
+        }
+    }
+
+    /// The text a cell binds as, for its column's type.
+    fn param(&self, column: usize, cell: &Cell) -> Option<String> {
+        if self.types[column].starts_with("json") {
+            cell.to_json_text()
+        } else {
+            cell.to_text()
+        }
+    }
+
+    /// Writes `rows` (one per key) and returns the keys the statement
+    /// changed. A data error splits the rows under savepoints until the
+    /// failing ones are alone; those are returned as rejected.
+    async fn write_rows(
+        &self,
+        tx: &mut Transaction<'_>,
+        rows: &[(usize, &Row)],
+        rejected: &mut Vec<(usize, String)>,
+    ) -> Result<Vec<String>, tokio_postgres::Error> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let width = self.mapping.names.len();
+        if rows.len() * width > MAX_PARAMS {
+            let (a, b) = rows.split_at(rows.len() / 2);
+            let mut changed = Box::pin(self.write_rows(tx, a, rejected)).await?;
+            changed.extend(Box::pin(self.write_rows(tx, b, rejected)).await?);
+            return Ok(changed);
+        }
+        let params: Vec<Option<String>> = rows
+            .iter()
+            .flat_map(|(_, row)| {
+                row.cells
+                    .iter()
+                    .enumerate()
+                    .map(|(c, cell)| self.param(c, cell))
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let sql = self.write_sql(rows.len());
+
+        let savepoint = tx.savepoint("idem_rows").await?;
+        match savepoint.query(&sql, &refs).await {
+            Ok(returned) => {
+                savepoint.commit().await?;
+                Ok(returned.iter().map(|r| r.get::<_, String>(0)).collect())
+            }
+            Err(e) if classify(&e) == ErrorClass::Record => {
+                savepoint.rollback().await?;
+                if rows.len() == 1 {
+                    let why = e.as_db_error().map_or_else(
+                        || e.to_string(),
+                        |db| format!("{}: {}", db.code().code(), db.message()),
+                    );
+                    rejected.push((rows[0].0, why));
+                    return Ok(Vec::new());
+                }
+                let (a, b) = rows.split_at(rows.len() / 2);
+                let mut changed = Box::pin(self.write_rows(tx, a, rejected)).await?;
+                changed.extend(Box::pin(self.write_rows(tx, b, rejected)).await?);
+                Ok(changed)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The version each key holds now.
+    async fn held_versions(
+        &self,
+        tx: &Transaction<'_>,
+        keys: Vec<String>,
+    ) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
+        let m = &self.mapping;
+        let version = m.version_column.as_ref().expect("upsert");
+        let key_type = &self.types[m.key_index];
+        let sql = format!(
+            "SELECT {k}::text, {v}::bigint FROM {t} WHERE {k} = ANY($1::text[]::{key_type}[])",
+            k = quote(&m.key_column),
+            v = quote(version),
+            t = quote(&m.table),
+        );
+        let rows = tx.query(&sql, &[&keys]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn apply_batch(&self, batch: &[SinkWrite<'_>]) -> Result<Vec<WriteOutcome>, SinkError> {
+        let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; batch.len()];
+        let mut rows: Vec<(usize, Row)> = Vec::with_capacity(batch.len());
+        for (i, write) in batch.iter().enumerate() {
+            match self.mapping.row(write) {
+                Ok(row) => rows.push((i, row)),
+                Err(why) => outcomes[i] = Some(WriteOutcome::Rejected(why)),
+            }
+        }
+        let indexed: Vec<(usize, &Row)> = rows.iter().map(|(i, r)| (*i, r)).collect();
+
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let mut tx = client.transaction().await.map_err(|e| batch_error(&e))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            self.statement_timeout_ms
+        ))
+        .await
+        .map_err(|e| batch_error(&e))?;
+
+        // Which records to write, one per key, and how each counts.
+        let (planned, winners): (Vec<(usize, WriteOutcome)>, Vec<usize>) = match self.mapping.mode {
+            SinkMode::Upsert => {
+                let keys: Vec<String> = indexed.iter().map(|(_, r)| r.key.clone()).collect();
+                let held = self
+                    .held_versions(&tx, keys)
+                    .await
+                    .map_err(|e| batch_error(&e))?;
+                plan_upserts(&indexed, &held)
+            }
+            SinkMode::Insert => {
+                let mut first: HashMap<&str, usize> = HashMap::new();
+                let planned = indexed
+                    .iter()
+                    .map(|(i, r)| match first.get(r.key.as_str()) {
+                        Some(_) => (*i, WriteOutcome::AlreadyPresent),
+                        None => {
+                            first.insert(&r.key, *i);
+                            (*i, WriteOutcome::Applied)
+                        }
+                    })
+                    .collect();
+                let mut winners: Vec<usize> = first.into_values().collect();
+                winners.sort_unstable();
+                (planned, winners)
+            }
+        };
+        let to_write: Vec<(usize, &Row)> = indexed
+            .iter()
+            .filter(|(i, _)| winners.binary_search(i).is_ok())
+            .copied()
+            .collect();
+
+        let mut rejected = Vec::new();
+        let changed = self
+            .write_rows(&mut tx, &to_write, &mut rejected)
+            .await
+            .map_err(|e| batch_error(&e))?;
+        failpoint::hit("mid-sink-batch");
+        tx.commit().await.map_err(|e| batch_error(&e))?;
+
+        for (i, outcome) in planned {
+            outcomes[i] = Some(outcome);
+        }
+        // A winner the statement did not change lost to a concurrent
+        // writer (upsert) or found its key already there (insert).
+        let changed: std::collections::HashSet<String> = changed.into_iter().collect();
+        for (i, row) in &to_write {
+            if !changed.contains(&row.key) {
+                outcomes[*i] = Some(match self.mapping.mode {
+                    SinkMode::Upsert => WriteOutcome::Stale,
+                    SinkMode::Insert => WriteOutcome::AlreadyPresent,
+                });
+            }
+        }
+        for (i, why) in rejected {
+            outcomes[i] = Some(WriteOutcome::Rejected(why));
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every record has an outcome"))
+            .collect())
+    }
+}
+
+impl Sink for PostgresSink {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn apply(&mut self, batch: &[SinkWrite<'_>]) -> Result<Vec<WriteOutcome>, SinkError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deadline =
+            Duration::from_millis(self.statement_timeout_ms.saturating_mul(2).max(1_000));
+        self.runtime.block_on(async {
+            match tokio::time::timeout(deadline, self.apply_batch(batch)).await {
+                Ok(result) => result,
+                Err(_) => Err(SinkError::Unavailable(format!(
+                    "no answer from PostgreSQL within {} ms",
+                    deadline.as_millis()
+                ))),
+            }
+        })
+    }
+}
