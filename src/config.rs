@@ -200,6 +200,23 @@ pub struct DedupConfig {
 pub enum SinkConfig {
     Sqlite(SqliteSinkConfig),
     Postgres(PostgresSinkConfig),
+    Files(FilesSinkConfig),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSinkConfig {
+    /// The directory; created if missing.
+    pub dir: PathBuf,
+    /// `upsert`: one file per entity, version-guarded, with a backup of the
+    /// content it replaces; `insert`: one file per idempotency key.
+    pub mode: SinkMode,
+    /// upsert: JSON pointer to the entity key, which names the file.
+    #[serde(default)]
+    pub key_from: Option<String>,
+    /// upsert: JSON pointer to the integer version.
+    #[serde(default)]
+    pub version_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -533,6 +550,33 @@ impl Config {
                     ));
                 }
                 pg.table.validate("sink.table")?;
+            }
+            SinkConfig::Files(files) => {
+                match files.mode {
+                    SinkMode::Upsert => {
+                        for (field, value) in [
+                            ("sink.key_from", &files.key_from),
+                            ("sink.version_from", &files.version_from),
+                        ] {
+                            match value {
+                                Some(p) => check_pointer(field, p)?,
+                                None => return Err(invalid(
+                                    field,
+                                    "upsert mode needs a JSON pointer, e.g. \"/id\" or \"/ver\"",
+                                )),
+                            }
+                        }
+                    }
+                    SinkMode::Insert => {
+                        if files.key_from.is_some() || files.version_from.is_some() {
+                            return Err(invalid(
+                                "sink.key_from",
+                                "insert mode names each file by the idempotency key; remove \
+                             key_from and version_from",
+                            ));
+                        }
+                    }
+                }
             }
         }
         Ok(())

@@ -60,23 +60,20 @@ impl PgFixture {
     }
 
     fn config_text(&self, mode: Mode, create: bool) -> String {
-        let sqlite_sink = format!(
-            "kind = \"sqlite\"\npath = \"{}\"\nbusy_timeout_ms = 500",
-            self.f.sink_path().display()
+        let table = match mode {
+            Mode::Upsert => {
+                "mode = \"upsert\"\nkey_column = \"id\"\nversion_column = \"ver\"\n\
+                 columns = { id = \"/id\", ver = \"/ver\", qty = \"/qty\" }"
+            }
+            Mode::Insert => "mode = \"insert\"\ncolumns = { id = \"/id\", qty = \"/qty\" }",
+        };
+        let sink = format!(
+            "[sink]\nkind = \"postgres\"\nurl = \"{}\"\nstatement_timeout_ms = 1000\n\n\
+             [sink.table]\nname = \"{}\"\ncreate = {create}\n{table}\n",
+            pg_url(),
+            self.table
         );
-        let text = self.f.config_text(mode, "7d", "");
-        assert!(text.contains(&sqlite_sink));
-        text.replace(
-            &sqlite_sink,
-            &format!(
-                "kind = \"postgres\"\nurl = \"{}\"\nstatement_timeout_ms = 1000",
-                pg_url()
-            ),
-        )
-        .replace(
-            "\nname = \"orders\"\n",
-            &format!("\nname = \"{}\"\ncreate = {create}\n", self.table),
-        )
+        self.f.config_text_with_sink("7d", &sink)
     }
 
     fn config(&self, mode: Mode) -> Config {
@@ -84,9 +81,7 @@ impl PgFixture {
     }
 
     fn write_config(&self, mode: Mode) -> PathBuf {
-        let path = self.f.dir.path().join("idem-pg.toml");
-        std::fs::write(&path, self.config_text(mode, true)).unwrap();
-        path
+        self.f.write_text(&self.config_text(mode, true))
     }
 
     /// upsert rows: id -> (ver, qty)

@@ -23,6 +23,7 @@ use crate::config::{Config, SinkConfig};
 use crate::dead_letter::DeadLetterProducer;
 use crate::dedup::{DedupStore, StoreError};
 use crate::failpoint::CrashPlan;
+use crate::sink::files::FilesSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::sqlite::SqliteSink;
 use crate::sink::{Sink, SinkError};
@@ -190,6 +191,7 @@ impl Pipeline {
                 SinkConfig::Postgres(c) => {
                     PostgresSink::open(c).map(|s| Box::new(s) as Box<dyn Sink>)
                 }
+                SinkConfig::Files(c) => FilesSink::open(c).map(|s| Box::new(s) as Box<dyn Sink>),
             };
             match opened {
                 Ok(sink) => return Ok(Some(sink)),

@@ -7,6 +7,7 @@
 //! a crash between the sink write and the dedup write harmless: the replay
 //! writes the same thing again.
 
+pub mod files;
 pub mod postgres;
 pub mod sqlite;
 pub mod table;

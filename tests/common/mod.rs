@@ -312,6 +312,7 @@ impl Fixture {
     }
 
     /// Config text; `extra` is appended (more tables or fields).
+    /// Config text with the SQLite sink; `extra` is appended to its table.
     pub fn config_text(&self, mode: Mode, window: &str, extra: &str) -> String {
         let table = match mode {
             Mode::Upsert => {
@@ -325,6 +326,16 @@ columns = { id = "/id", ver = "/ver", qty = "/qty" }"#
 columns = { id = "/id", qty = "/qty" }"#
             }
         };
+        let sink = format!(
+            "[sink]\nkind = \"sqlite\"\npath = \"{}\"\nbusy_timeout_ms = 500\n\n\
+             [sink.table]\nname = \"orders\"\n{table}\n{extra}\n",
+            self.sink_path().display()
+        );
+        self.config_text_with_sink(window, &sink)
+    }
+
+    /// Config text with any `[sink]` section.
+    pub fn config_text_with_sink(&self, window: &str, sink: &str) -> String {
         format!(
             r#"
 [kafka]
@@ -357,24 +368,22 @@ listen = "127.0.0.1:{port}"
 [log]
 level = "info"
 
-[sink]
-kind = "sqlite"
-path = "{sink}"
-busy_timeout_ms = 500
-
-[sink.table]
-name = "orders"
-{table}
-{extra}
+{sink}
 "#,
             bootstrap = bootstrap(),
             group = self.group,
             topic = self.topic,
             dedup = self.dedup_path().display(),
             dlq = self.dead_letter_topic,
-            sink = self.sink_path().display(),
             port = free_port(),
         )
+    }
+
+    /// Writes config text next to the fixture's files.
+    pub fn write_text(&self, text: &str) -> PathBuf {
+        let path = self.dir.path().join("idem.toml");
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     pub fn config(&self, mode: Mode, window: &str) -> Config {
