@@ -9,7 +9,9 @@
 //! A batch of dead letters is acknowledged by the broker (acks=all,
 //! idempotent producer) before the offsets they cover are committed. If
 //! the broker does not take them, the caller retries and the offset stays
-//! where it is.
+//! where it is. The one exception is a record too large for the topic: it
+//! is sent again without its value and with `idem.value-omitted`, since it
+//! could never be stored and must not hold its partition for ever.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -41,7 +43,8 @@ pub struct DeadLetterError {
 }
 
 struct DeliveryContext {
-    failures: Mutex<Vec<String>>,
+    /// Letters not delivered in this send: (index, error).
+    failures: Mutex<Vec<(usize, KafkaError)>>,
 }
 
 impl ClientContext for DeliveryContext {
@@ -51,14 +54,14 @@ impl ClientContext for DeliveryContext {
 }
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
         if let Err((e, _)) = result {
             self.failures
                 .lock()
                 .expect("delivery lock poisoned")
-                .push(e.to_string());
+                .push((index, e.clone()));
         }
     }
 }
@@ -67,6 +70,13 @@ pub struct DeadLetterProducer {
     producer: BaseProducer<DeliveryContext>,
     topic: String,
     timeout: Duration,
+}
+
+fn is_too_large(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
+    )
 }
 
 impl DeadLetterProducer {
@@ -108,7 +118,10 @@ impl DeadLetterProducer {
     }
 
     /// Produces every letter and waits until the broker acknowledged all
-    /// of them.
+    /// of them. A letter too large for the topic is sent again without its
+    /// value, with the header `idem.value-omitted` giving its size: the
+    /// original stays readable at its source offset, and the partition does
+    /// not wait for ever on a record that cannot be stored.
     ///
     /// # Errors
     /// Any letter not acknowledged within the timeout, or refused.
@@ -116,42 +129,81 @@ impl DeadLetterProducer {
         if letters.is_empty() {
             return Ok(());
         }
-        self.producer
-            .context()
-            .failures
-            .lock()
-            .expect("delivery lock poisoned")
-            .clear();
-
-        for letter in letters {
-            self.produce(letter)?;
+        let mut too_large = Vec::new();
+        self.take_failures();
+        for (i, letter) in letters.iter().enumerate() {
+            match self.produce(letter, i, false) {
+                Ok(()) => {}
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
+                    too_large.push(i)
+                }
+                Err(e) => return Err(self.error(e.to_string())),
+            }
         }
-        self.producer
-            .flush(self.timeout + Duration::from_secs(1))
-            .map_err(|e| self.error(format!("not acknowledged in time: {e}")))?;
-
-        let failures = self
-            .producer
-            .context()
-            .failures
-            .lock()
-            .expect("delivery lock poisoned")
-            .clone();
-        match failures.first() {
-            None => Ok(()),
-            Some(first) => Err(self.error(format!(
+        self.wait()?;
+        let mut failures = self.take_failures();
+        failures.retain(|(i, e)| {
+            if is_too_large(e) {
+                too_large.push(*i);
+                false
+            } else {
+                true
+            }
+        });
+        if let Some((_, first)) = failures.first() {
+            return Err(self.error(format!(
                 "{} of {} records not delivered: {first}",
                 failures.len(),
                 letters.len()
-            ))),
+            )));
+        }
+        if too_large.is_empty() {
+            return Ok(());
+        }
+        for &i in &too_large {
+            self.produce(&letters[i], i, true)
+                .map_err(|e| self.error(e.to_string()))?;
+        }
+        self.wait()?;
+        match self.take_failures().first() {
+            None => Ok(()),
+            Some((_, e)) => Err(self.error(format!("record without its value not delivered: {e}"))),
         }
     }
 
-    fn produce(&self, letter: &DeadLetter<'_>) -> Result<(), DeadLetterError> {
+    fn wait(&self) -> Result<(), DeadLetterError> {
+        self.producer
+            .flush(self.timeout + Duration::from_secs(1))
+            .map_err(|e| self.error(format!("not acknowledged in time: {e}")))
+    }
+
+    fn take_failures(&self) -> Vec<(usize, KafkaError)> {
+        std::mem::take(
+            &mut *self
+                .producer
+                .context()
+                .failures
+                .lock()
+                .expect("delivery lock poisoned"),
+        )
+    }
+
+    fn produce(
+        &self,
+        letter: &DeadLetter<'_>,
+        index: usize,
+        omit_value: bool,
+    ) -> Result<(), KafkaError> {
         let r = letter.record;
         let partition = r.partition.0.to_string();
         let offset = r.offset.0.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 5);
+        let omitted = omit_value.then(|| {
+            format!(
+                "{} bytes, too large for the dead-letter topic; read the original at its source offset",
+                r.value.as_ref().map_or(0, Vec::len)
+            )
+        });
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 6);
         for h in &r.headers {
             headers = headers.insert(KafkaHeader {
                 key: &h.name,
@@ -159,24 +211,27 @@ impl DeadLetterProducer {
             });
         }
         for (key, value) in [
-            ("idem.source.topic", r.topic.as_str()),
-            ("idem.source.partition", partition.as_str()),
-            ("idem.source.offset", offset.as_str()),
-            ("idem.reason", letter.reason.as_str()),
-            ("idem.error", letter.detail),
+            ("idem.source.topic", Some(r.topic.as_str())),
+            ("idem.source.partition", Some(partition.as_str())),
+            ("idem.source.offset", Some(offset.as_str())),
+            ("idem.reason", Some(letter.reason.as_str())),
+            ("idem.error", Some(letter.detail)),
+            ("idem.value-omitted", omitted.as_deref()),
         ] {
-            headers = headers.insert(KafkaHeader {
-                key,
-                value: Some(value),
-            });
+            if let Some(value) = value {
+                headers = headers.insert(KafkaHeader {
+                    key,
+                    value: Some(value),
+                });
+            }
         }
 
-        let mut record: BaseRecord<'_, [u8], [u8], ()> =
-            BaseRecord::to(&self.topic).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.topic, index).headers(headers);
         if let Some(key) = r.key.as_deref() {
             record = record.key(key);
         }
-        if let Some(value) = r.value.as_deref() {
+        if let (Some(value), false) = (r.value.as_deref(), omit_value) {
             record = record.payload(value);
         }
         loop {
@@ -187,7 +242,7 @@ impl DeadLetterProducer {
                     record = back;
                     self.producer.poll(Duration::from_millis(50));
                 }
-                Err((e, _)) => return Err(self.error(e.to_string())),
+                Err((e, _)) => return Err(e),
             }
         }
     }

@@ -379,3 +379,47 @@ fn c13_tombstones_null_keys_and_bad_bytes() {
     );
     assert!(letters[2].payload().is_none() && letters[2].key().is_none());
 }
+
+/// C12 (the part that needs no HTTP or Kafka sink): a 1.5 MiB record is
+/// too large; it is dead-lettered without blocking the partition even
+/// though the dead-letter topic cannot hold it (1 MB): the dead letter then
+/// carries everything but the value, and says so.
+#[test]
+fn c12_record_too_large_is_dead_lettered_without_blocking() {
+    let topic = unique("orders.v1-c12");
+    create_topic_with(&topic, 2, &[("max.message.bytes", "3000000")]);
+    let f = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        dead_letter_topic: format!("{topic}.dlq"),
+        group: unique("idem-test-c12"),
+        topic,
+        partitions: 2,
+    };
+    create_topic(&f.dead_letter_topic, 1);
+    let big = format!(
+        r#"{{"id":"ord-12","ver":1,"qty":1,"note":"{}"}}"#,
+        "x".repeat(1_500_000)
+    );
+    produce(
+        &f.topic,
+        &[
+            Rec::order(0, "K12", "ord-12", 1, 1).with_value(big.as_bytes()),
+            Rec::order(0, "K13", "ord-13", 1, 1),
+        ],
+    );
+    let run = Running::start(f.config(Mode::Upsert, "7d"));
+    run.wait_read(2);
+    f.wait_committed(&[2, -1]);
+    assert_eq!(run.count(Outcome::DeadLettered), 1);
+    assert_eq!(run.count(Outcome::Applied), 1);
+    run.stop();
+    let letters = read_all(&f.dead_letter_topic, 1);
+    assert_eq!(letters.len(), 1);
+    let m = &letters[0];
+    assert_eq!(header(m, "idem.reason"), Some(&b"too-large"[..]));
+    assert_eq!(header(m, "idem.source.offset"), Some(&b"0"[..]));
+    assert!(m.payload().is_none());
+    let omitted = String::from_utf8(header(m, "idem.value-omitted").unwrap().to_vec()).unwrap();
+    assert!(omitted.starts_with(&big.len().to_string()), "{omitted}");
+    assert!(f.rows().contains_key("ord-13"));
+}

@@ -81,13 +81,20 @@ pub fn idem(args: &[&str]) -> std::process::Output {
 }
 
 pub fn create_topic(name: &str, partitions: i32) {
+    create_topic_with(name, partitions, &[]);
+}
+
+pub fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &str)]) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let results = rt
         .block_on(admin().create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &[configs.iter().fold(
+                NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
+                |t, (k, v)| t.set(k, v),
+            )],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         ))
         .expect("create_topics");
@@ -142,6 +149,7 @@ pub fn producer() -> BaseProducer {
         .set("bootstrap.servers", bootstrap())
         .set("linger.ms", "5")
         .set("enable.idempotence", "true")
+        .set("message.max.bytes", "4000000")
         .create()
         .expect("producer")
 }
