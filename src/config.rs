@@ -201,6 +201,55 @@ pub enum SinkConfig {
     Sqlite(SqliteSinkConfig),
     Postgres(PostgresSinkConfig),
     Files(FilesSinkConfig),
+    Http(HttpSinkConfig),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    /// The URL, with optional placeholders `{key}` (the idempotency key,
+    /// percent-encoded), `{topic}`, `{partition}` and `{offset}`.
+    pub url: String,
+    /// `POST`, `PUT` or `PATCH`.
+    #[serde(default = "default_http_method")]
+    pub method: String,
+    /// Extra request headers (e.g. Authorization). `Idempotency-Key` and
+    /// `Content-Type` are idem's and cannot be set here.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// One request's time limit.
+    #[serde(default = "default_http_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Requests in flight at once. Records with the same order key are
+    /// never in flight together and go in offset order.
+    #[serde(default = "default_http_concurrency")]
+    pub concurrency: usize,
+    /// Tries of one request (408, 429, 5xx, connection errors, timeouts)
+    /// before the batch fails and is retried as a whole, holding its
+    /// partition; never dead-lettered.
+    #[serde(default = "default_http_max_attempts")]
+    pub max_attempts: u32,
+    /// JSON pointer to the key whose records must arrive in order (the
+    /// entity id); default: the idempotency key.
+    #[serde(default)]
+    pub order_by: Option<String>,
+    /// Accept any TLS certificate. Off unless set: certificates are
+    /// verified.
+    #[serde(default)]
+    pub insecure_skip_tls_verify: bool,
+}
+
+fn default_http_method() -> String {
+    "POST".to_string()
+}
+fn default_http_timeout_ms() -> u64 {
+    10_000
+}
+fn default_http_concurrency() -> usize {
+    8
+}
+fn default_http_max_attempts() -> u32 {
+    5
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -551,6 +600,7 @@ impl Config {
                 }
                 pg.table.validate("sink.table")?;
             }
+            SinkConfig::Http(http) => http.validate()?,
             SinkConfig::Files(files) => {
                 match files.mode {
                     SinkMode::Upsert => {
@@ -765,8 +815,16 @@ pub fn describe(config: &Config) -> String {
             *value = "<redacted>".to_string();
         }
     }
-    if let SinkConfig::Postgres(pg) = &mut shown.sink {
-        pg.url = redact_url_password(&pg.url);
+    match &mut shown.sink {
+        SinkConfig::Postgres(pg) => pg.url = redact_url_password(&pg.url),
+        SinkConfig::Http(http) => {
+            for (name, value) in http.headers.iter_mut() {
+                if is_secret(name) || name.eq_ignore_ascii_case("authorization") {
+                    *value = "<redacted>".to_string();
+                }
+            }
+        }
+        _ => {}
     }
     toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("{shown:#?}\n({e})"))
 }
@@ -787,9 +845,41 @@ pub fn redact_url_password(url: &str) -> String {
 
 fn is_secret(property: &str) -> bool {
     let p = property.to_ascii_lowercase();
-    ["password", "secret", "sasl.jaas", "key.pem", "token"]
+    ["password", "secret", "sasl.jaas", "key.pem", "token", "api-key", "apikey"]
         .iter()
         .any(|s| p.contains(s))
+}
+
+impl HttpSinkConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(invalid(
+                "sink.url",
+                "must be an http:// or https:// URL, e.g. \"https://hooks.example/orders/{key}\"",
+            ));
+        }
+        if !["POST", "PUT", "PATCH"].contains(&self.method.as_str()) {
+            return Err(invalid("sink.method", "must be POST, PUT or PATCH"));
+        }
+        for name in self.headers.keys() {
+            if name.eq_ignore_ascii_case("idempotency-key") || name.eq_ignore_ascii_case("content-type") {
+                return Err(invalid(
+                    format!("sink.headers.{name}"),
+                    "is set by idem on every request; remove it",
+                ));
+            }
+        }
+        if self.concurrency == 0 {
+            return Err(invalid("sink.concurrency", "must be at least 1"));
+        }
+        if self.max_attempts == 0 {
+            return Err(invalid("sink.max_attempts", "must be at least 1"));
+        }
+        if let Some(p) = &self.order_by {
+            check_pointer("sink.order_by", p)?;
+        }
+        Ok(())
+    }
 }
 
 fn check_pointer(field: &str, pointer: &str) -> Result<(), ConfigError> {

@@ -185,6 +185,14 @@ impl BatchProcessor {
                     details.push((*i, DeadLetterReason::SinkRejected, why.clone()));
                     Outcome::DeadLettered
                 }
+                WriteOutcome::TooLarge(why) => {
+                    details.push((*i, DeadLetterReason::TooLarge, why.clone()));
+                    Outcome::DeadLettered
+                }
+                WriteOutcome::Conflict(why) => {
+                    details.push((*i, DeadLetterReason::Conflict, why.clone()));
+                    Outcome::Conflict
+                }
             };
         }
         details.sort_by_key(|(i, _, _)| *i);
@@ -203,7 +211,7 @@ impl BatchProcessor {
         let entries: Vec<(DedupKey, Entry)> = writes
             .iter()
             .zip(&sink_outcomes)
-            .filter(|(_, o)| !matches!(o, WriteOutcome::Rejected(_)))
+            .filter(|(_, o)| o.took_effect_or_was_there())
             .filter_map(|((i, _), _)| match &plans[*i] {
                 Plan::New { event, dedup } => Some((
                     dedup.clone(),

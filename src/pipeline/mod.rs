@@ -24,6 +24,7 @@ use crate::dead_letter::DeadLetterProducer;
 use crate::dedup::{DedupStore, StoreError};
 use crate::failpoint::CrashPlan;
 use crate::sink::files::FilesSink;
+use crate::sink::http::HttpSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::sqlite::SqliteSink;
 use crate::sink::{Sink, SinkError};
@@ -192,6 +193,9 @@ impl Pipeline {
                     PostgresSink::open(c).map(|s| Box::new(s) as Box<dyn Sink>)
                 }
                 SinkConfig::Files(c) => FilesSink::open(c).map(|s| Box::new(s) as Box<dyn Sink>),
+                SinkConfig::Http(c) => {
+                    HttpSink::open(c, self.config.retry).map(|s| Box::new(s) as Box<dyn Sink>)
+                }
             };
             match opened {
                 Ok(sink) => return Ok(Some(sink)),

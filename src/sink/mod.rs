@@ -8,6 +8,7 @@
 //! writes the same thing again.
 
 pub mod files;
+pub mod http;
 pub mod postgres;
 pub mod sqlite;
 pub mod table;
@@ -42,6 +43,23 @@ pub enum WriteOutcome {
     /// The sink refused this record as invalid; it can never succeed and
     /// is dead-lettered with this reason.
     Rejected(String),
+    /// The sink refused this record as too large (HTTP 413): dead-lettered
+    /// with reason `too-large`.
+    TooLarge(String),
+    /// The sink holds this idempotency key with another body (HTTP 422):
+    /// counted as a conflict and dead-lettered.
+    Conflict(String),
+}
+
+impl WriteOutcome {
+    /// Whether the sink now holds this record's effect (or already did),
+    /// so that its dedup record may be written.
+    pub fn took_effect_or_was_there(&self) -> bool {
+        matches!(
+            self,
+            WriteOutcome::Applied | WriteOutcome::Stale | WriteOutcome::AlreadyPresent
+        )
+    }
 }
 
 /// A failure of the whole batch. Nothing is dead-lettered for it: the
