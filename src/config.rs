@@ -84,6 +84,7 @@ fn default_session_timeout_ms() -> u64 {
 /// librdkafka properties that idem owns, because the guarantee depends on
 /// their value.
 pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "metadata.broker.list",
     "enable.auto.commit",
     "enable.auto.offset.store",
     "isolation.level",
@@ -545,6 +546,43 @@ impl Config {
         if self.batch.max_bytes == 0 {
             return Err(invalid("batch.max_bytes", "must be at least 1"));
         }
+        if self.batch.linger_ms > 60_000 {
+            return Err(invalid(
+                "batch.linger_ms",
+                "must be at most 60000 (one minute)",
+            ));
+        }
+        if self.limits.max_record_bytes == 0 || self.limits.max_key_bytes == 0 {
+            return Err(invalid(
+                "limits",
+                "max_record_bytes and max_key_bytes must be at least 1",
+            ));
+        }
+        if self.dead_letter.timeout_ms == 0 {
+            return Err(invalid("dead_letter.timeout_ms", "must be at least 1"));
+        }
+        if self.dedup.path.as_os_str().is_empty() {
+            return Err(invalid(
+                "dedup.path",
+                "must name a directory, e.g. \"data/dedup\"",
+            ));
+        }
+        let sink_path = match &self.sink {
+            SinkConfig::Sqlite(s) => Some(&s.path),
+            SinkConfig::Files(f) => Some(&f.dir),
+            _ => None,
+        };
+        if let Some(path) = sink_path {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(
+                    "sink.path",
+                    "must name a file (sqlite) or directory (files), e.g. \"data/orders.db\"",
+                ));
+            }
+            if *path == self.dedup.path {
+                return Err(invalid("sink.path", "must differ from dedup.path"));
+            }
+        }
         if self.dedup.window.is_zero() {
             return Err(invalid(
                 "dedup.window",
@@ -642,12 +680,26 @@ impl Config {
         if self.kafka.group_id.trim().is_empty() {
             return Err(invalid("kafka.group_id", "must name a consumer group"));
         }
+        if !(1_000..=3_600_000).contains(&self.kafka.session_timeout_ms) {
+            return Err(invalid(
+                "kafka.session_timeout_ms",
+                "must be between 1000 and 3600000 (librdkafka's range; the broker may ask for more)",
+            ));
+        }
         for key in self.kafka.properties.keys() {
-            if RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+            if RESERVED_KAFKA_PROPERTIES.contains(&key.to_ascii_lowercase().as_str()) {
                 return Err(invalid(
                     format!("kafka.properties.{key}"),
                     "is set by idem itself, because the guarantee depends on it; remove it",
                 ));
+            }
+        }
+        // librdkafka checks names and values without connecting anywhere.
+        let mut client = rdkafka::ClientConfig::new();
+        for (k, v) in &self.kafka.properties {
+            client.set(k, v);
+            if let Err(e) = client.create_native_config() {
+                return Err(invalid(format!("kafka.properties.{k}"), e.to_string()));
             }
         }
         Ok(())
@@ -701,6 +753,21 @@ impl Config {
 impl TableConfig {
     fn validate(&self, field: &str) -> Result<(), ConfigError> {
         check_identifier(&format!("{field}.name"), &self.name)?;
+        // SQL names are case-insensitive: `qty` and `QTY` are one column.
+        let mut seen = std::collections::HashSet::new();
+        let names = self.columns.keys().chain(self.payload_column.iter()).chain(
+            self.key_column
+                .iter()
+                .filter(|_| self.mode == SinkMode::Insert),
+        );
+        for name in names {
+            if !seen.insert(name.to_ascii_lowercase()) {
+                return Err(invalid(
+                    format!("{field}.columns"),
+                    format!("`{name}` appears twice (SQL names ignore case)"),
+                ));
+            }
+        }
         for (column, pointer) in &self.columns {
             check_identifier(&format!("{field}.columns"), column)?;
             check_pointer(&format!("{field}.columns.{column}"), pointer)?;
@@ -845,9 +912,17 @@ pub fn redact_url_password(url: &str) -> String {
 
 fn is_secret(property: &str) -> bool {
     let p = property.to_ascii_lowercase();
-    ["password", "secret", "sasl.jaas", "key.pem", "token", "api-key", "apikey"]
-        .iter()
-        .any(|s| p.contains(s))
+    [
+        "password",
+        "secret",
+        "sasl.jaas",
+        "key.pem",
+        "token",
+        "api-key",
+        "apikey",
+    ]
+    .iter()
+    .any(|s| p.contains(s))
 }
 
 impl HttpSinkConfig {
@@ -862,7 +937,9 @@ impl HttpSinkConfig {
             return Err(invalid("sink.method", "must be POST, PUT or PATCH"));
         }
         for name in self.headers.keys() {
-            if name.eq_ignore_ascii_case("idempotency-key") || name.eq_ignore_ascii_case("content-type") {
+            if name.eq_ignore_ascii_case("idempotency-key")
+                || name.eq_ignore_ascii_case("content-type")
+            {
                 return Err(invalid(
                     format!("sink.headers.{name}"),
                     "is set by idem on every request; remove it",

@@ -13,6 +13,8 @@
 //! is sent again without its value and with `idem.value-omitted`, since it
 //! could never be stored and must not hold its partition for ever.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -40,11 +42,22 @@ pub struct DeadLetter<'a> {
 pub struct DeadLetterError {
     pub topic: String,
     pub message: String,
+    /// Indexes of the letters that were not acknowledged; only these are
+    /// sent again, so that a retry does not write the others twice.
+    pub undelivered: Vec<usize>,
 }
 
+/// Delivery reports by opaque: the send's generation in the high bits and
+/// the letter's index in the low 32, so that a late report of an earlier
+/// send is never taken for this one's.
 struct DeliveryContext {
-    /// Letters not delivered in this send: (index, error).
-    failures: Mutex<Vec<(usize, KafkaError)>>,
+    reports: Mutex<HashMap<usize, Result<(), KafkaError>>>,
+}
+
+const INDEX_BITS: u32 = 32;
+
+fn opaque(generation: usize, index: usize) -> usize {
+    (generation << INDEX_BITS) | index
 }
 
 impl ClientContext for DeliveryContext {
@@ -56,13 +69,15 @@ impl ClientContext for DeliveryContext {
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
-        if let Err((e, _)) = result {
-            self.failures
-                .lock()
-                .expect("delivery lock poisoned")
-                .push((index, e.clone()));
-        }
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let report = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.clone()),
+        };
+        self.reports
+            .lock()
+            .expect("delivery lock poisoned")
+            .insert(opaque, report);
     }
 }
 
@@ -70,6 +85,7 @@ pub struct DeadLetterProducer {
     producer: BaseProducer<DeliveryContext>,
     topic: String,
     timeout: Duration,
+    generation: AtomicUsize,
 }
 
 fn is_too_large(e: &KafkaError) -> bool {
@@ -96,6 +112,14 @@ impl DeadLetterProducer {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
+            // Large enough for any record idem reads (plus headers), so that
+            // the topic's own limit is the one that decides.
+            .set(
+                "message.max.bytes",
+                (config.limits.max_record_bytes.max(1_000_000) + (1 << 20))
+                    .min(1_000_000_000)
+                    .to_string(),
+            )
             .set("message.timeout.ms", timeout_ms.to_string())
             // A topic that does not exist should fail fast, not wait out
             // the whole delivery timeout.
@@ -104,12 +128,13 @@ impl DeadLetterProducer {
                 timeout_ms.min(5_000).to_string(),
             );
         let producer = client.create_with_context(DeliveryContext {
-            failures: Mutex::new(Vec::new()),
+            reports: Mutex::new(HashMap::new()),
         })?;
         Ok(DeadLetterProducer {
             producer,
             topic: config.dead_letter.topic.clone(),
             timeout: Duration::from_millis(timeout_ms),
+            generation: AtomicUsize::new(0),
         })
     }
 
@@ -124,74 +149,108 @@ impl DeadLetterProducer {
     /// not wait for ever on a record that cannot be stored.
     ///
     /// # Errors
-    /// Any letter not acknowledged within the timeout, or refused.
+    /// The letters not acknowledged within the timeout, or refused, by
+    /// index; the others were written and must not be sent again.
     pub fn send(&self, letters: &[DeadLetter<'_>]) -> Result<(), DeadLetterError> {
         if letters.is_empty() {
             return Ok(());
         }
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut errors: HashMap<usize, String> = HashMap::new();
         let mut too_large = Vec::new();
-        self.take_failures();
         for (i, letter) in letters.iter().enumerate() {
-            match self.produce(letter, i, false) {
+            match self.produce(letter, opaque(generation, i), false) {
                 Ok(()) => {}
-                Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
-                    too_large.push(i)
+                Err(e) if is_too_large(&e) => too_large.push(i),
+                Err(e) => {
+                    errors.insert(i, e.to_string());
                 }
-                Err(e) => return Err(self.error(e.to_string())),
             }
         }
-        self.wait()?;
-        let mut failures = self.take_failures();
-        failures.retain(|(i, e)| {
-            if is_too_large(e) {
-                too_large.push(*i);
-                false
-            } else {
-                true
+        let _ = self.wait();
+        let mut delivered = self.take_reports(generation, &mut errors, &mut too_large);
+
+        if !too_large.is_empty() {
+            for &i in &too_large {
+                if let Err(e) = self.produce(&letters[i], opaque(generation, i), true) {
+                    errors.insert(i, e.to_string());
+                }
             }
-        });
-        if let Some((_, first)) = failures.first() {
-            return Err(self.error(format!(
-                "{} of {} records not delivered: {first}",
-                failures.len(),
-                letters.len()
-            )));
+            let _ = self.wait();
+            let mut still_too_large = Vec::new();
+            delivered.extend(self.take_reports(generation, &mut errors, &mut still_too_large));
+            for i in still_too_large {
+                errors.insert(i, "too large even without its value".to_string());
+            }
         }
-        if too_large.is_empty() {
+
+        let undelivered: Vec<usize> = (0..letters.len())
+            .filter(|i| !delivered.contains(i))
+            .collect();
+        if undelivered.is_empty() {
             return Ok(());
         }
-        for &i in &too_large {
-            self.produce(&letters[i], i, true)
-                .map_err(|e| self.error(e.to_string()))?;
-        }
-        self.wait()?;
-        match self.take_failures().first() {
-            None => Ok(()),
-            Some((_, e)) => Err(self.error(format!("record without its value not delivered: {e}"))),
-        }
+        let first = undelivered
+            .iter()
+            .find_map(|i| errors.get(i))
+            .cloned()
+            .unwrap_or_else(|| format!("not acknowledged within {} ms", self.timeout.as_millis()));
+        Err(DeadLetterError {
+            topic: self.topic.clone(),
+            message: format!(
+                "{} of {} records not delivered: {first}",
+                undelivered.len(),
+                letters.len()
+            ),
+            undelivered,
+        })
     }
 
-    fn wait(&self) -> Result<(), DeadLetterError> {
-        self.producer
-            .flush(self.timeout + Duration::from_secs(1))
-            .map_err(|e| self.error(format!("not acknowledged in time: {e}")))
+    fn wait(&self) -> Result<(), KafkaError> {
+        self.producer.flush(self.timeout + Duration::from_secs(1))
     }
 
-    fn take_failures(&self) -> Vec<(usize, KafkaError)> {
-        std::mem::take(
+    /// This send's delivery reports: the delivered indexes are returned,
+    /// failures go to `errors` or, when too large, to `too_large`. Reports
+    /// of earlier sends are dropped.
+    fn take_reports(
+        &self,
+        generation: usize,
+        errors: &mut HashMap<usize, String>,
+        too_large: &mut Vec<usize>,
+    ) -> Vec<usize> {
+        let reports = std::mem::take(
             &mut *self
                 .producer
                 .context()
-                .failures
+                .reports
                 .lock()
                 .expect("delivery lock poisoned"),
-        )
+        );
+        let mut delivered = Vec::new();
+        for (op, report) in reports {
+            if op >> INDEX_BITS != generation {
+                continue;
+            }
+            let i = op & ((1 << INDEX_BITS) - 1);
+            match report {
+                Ok(()) => {
+                    errors.remove(&i);
+                    delivered.push(i);
+                }
+                Err(e) if is_too_large(&e) => too_large.push(i),
+                Err(e) => {
+                    errors.insert(i, e.to_string());
+                }
+            }
+        }
+        delivered
     }
 
     fn produce(
         &self,
         letter: &DeadLetter<'_>,
-        index: usize,
+        opaque: usize,
         omit_value: bool,
     ) -> Result<(), KafkaError> {
         let r = letter.record;
@@ -227,7 +286,7 @@ impl DeadLetterProducer {
         }
 
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&self.topic, index).headers(headers);
+            BaseRecord::with_opaque_to(&self.topic, opaque).headers(headers);
         if let Some(key) = r.key.as_deref() {
             record = record.key(key);
         }
@@ -244,13 +303,6 @@ impl DeadLetterProducer {
                 }
                 Err((e, _)) => return Err(e),
             }
-        }
-    }
-
-    fn error(&self, message: String) -> DeadLetterError {
-        DeadLetterError {
-            topic: self.topic.clone(),
-            message,
         }
     }
 }

@@ -297,6 +297,15 @@ mod tests {
         assert_ne!(Fingerprint::of(&a), Fingerprint::of(&c));
     }
 
+    /// Numbers keep their digits: two amounts that differ beyond what a
+    /// 64-bit float holds are two bodies, not one.
+    #[test]
+    fn big_numbers_keep_every_digit() {
+        let a: Value = serde_json::from_str(r#"{"amount":12345678901234567890123}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"amount":12345678901234567890124}"#).unwrap();
+        assert_ne!(Fingerprint::of(&a), Fingerprint::of(&b));
+    }
+
     #[test]
     fn nested_objects_are_canonical_too() {
         let a: Value = serde_json::from_str(r#"{"a":{"y":1,"x":[{"q":1,"p":2}]}}"#).unwrap();

@@ -361,12 +361,16 @@ impl BatchProcessor {
         }
     }
 
+    /// Retries only the letters not yet acknowledged, so that none is
+    /// written twice by a retry.
     fn send_dead_letters(&self, letters: &[DeadLetter<'_>]) -> Result<(), BatchError> {
         let mut backoff = Backoff::new(self.retry);
+        let mut pending: Vec<DeadLetter<'_>> = letters.to_vec();
         loop {
-            match self.dead_letters.send(letters) {
+            match self.dead_letters.send(&pending) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
+                    pending = e.undelivered.iter().map(|&i| pending[i]).collect();
                     let delay = backoff.next_delay();
                     Telemetry::DeadLetterWriteFailed {
                         error: &e.to_string(),

@@ -56,7 +56,10 @@ pub struct HttpSink {
 #[derive(Debug)]
 enum Answer {
     Done(WriteOutcome),
-    Retry { why: String, after: Option<Duration> },
+    Retry {
+        why: String,
+        after: Option<Duration>,
+    },
     Operator(String),
 }
 
@@ -68,15 +71,19 @@ fn classify(status: StatusCode, retry_after: Option<Duration>) -> Answer {
         422 => Answer::Done(WriteOutcome::Conflict(
             "the receiver holds this idempotency key with another body (HTTP 422)".into(),
         )),
-        413 => Answer::Done(WriteOutcome::TooLarge("the receiver answered HTTP 413".into())),
-        401 | 403 | 404 | 405 | 407 | 421 => {
-            Answer::Operator(format!("the receiver answered HTTP {code}; check sink.url and sink.headers"))
-        }
+        413 => Answer::Done(WriteOutcome::TooLarge(
+            "the receiver answered HTTP 413".into(),
+        )),
+        401 | 403 | 404 | 405 | 407 | 421 => Answer::Operator(format!(
+            "the receiver answered HTTP {code}; check sink.url and sink.headers"
+        )),
         408 | 429 | 500..=599 => Answer::Retry {
             why: format!("HTTP {code}"),
             after: retry_after,
         },
-        400..=499 => Answer::Done(WriteOutcome::Rejected(format!("the receiver answered HTTP {code}"))),
+        400..=499 => Answer::Done(WriteOutcome::Rejected(format!(
+            "the receiver answered HTTP {code}"
+        ))),
         _ => Answer::Retry {
             why: format!("unexpected HTTP {code}"),
             after: None,
@@ -89,7 +96,9 @@ fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -253,10 +262,27 @@ mod tests {
 
     #[test]
     fn answers_are_classified_as_documented() {
-        let done = |code| matches!(classify(StatusCode::from_u16(code).unwrap(), None), Answer::Done(_));
-        let retry = |code| matches!(classify(StatusCode::from_u16(code).unwrap(), None), Answer::Retry { .. });
-        let operator = |code| matches!(classify(StatusCode::from_u16(code).unwrap(), None), Answer::Operator(_));
-        assert!(done(200) && done(201) && done(204) && done(409) && done(422) && done(413) && done(400));
+        let done = |code| {
+            matches!(
+                classify(StatusCode::from_u16(code).unwrap(), None),
+                Answer::Done(_)
+            )
+        };
+        let retry = |code| {
+            matches!(
+                classify(StatusCode::from_u16(code).unwrap(), None),
+                Answer::Retry { .. }
+            )
+        };
+        let operator = |code| {
+            matches!(
+                classify(StatusCode::from_u16(code).unwrap(), None),
+                Answer::Operator(_)
+            )
+        };
+        assert!(
+            done(200) && done(201) && done(204) && done(409) && done(422) && done(413) && done(400)
+        );
         assert!(retry(408) && retry(429) && retry(500) && retry(503));
         assert!(operator(401) && operator(404));
         assert!(matches!(

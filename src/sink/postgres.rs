@@ -279,7 +279,7 @@ impl PostgresSink {
                     .collect();
                 format!(
                     "{insert} ON CONFLICT ({key}) DO UPDATE SET {} \
-                     WHERE EXCLUDED.{v} > {table}.{v} RETURNING {key}::text",
+                     WHERE EXCLUDED.{v}::bigint > {table}.{v}::bigint RETURNING {key}::text",
                     updates.join(", ")
                 )
             }

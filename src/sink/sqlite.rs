@@ -95,10 +95,12 @@ impl SqliteSink {
                 (
                     format!(
                         "{insert} ON CONFLICT ({key}) DO UPDATE SET {} \
-                         WHERE excluded.{v} > {table}.{v}",
+                         WHERE CAST(excluded.{v} AS INTEGER) > CAST({table}.{v} AS INTEGER)",
                         updates.join(", ")
                     ),
-                    Some(format!("SELECT {v} FROM {table} WHERE {key} = ?")),
+                    Some(format!(
+                        "SELECT CAST({v} AS INTEGER) FROM {table} WHERE {key} = ?"
+                    )),
                 )
             }
             None => (format!("{insert} ON CONFLICT ({key}) DO NOTHING"), None),
@@ -209,12 +211,19 @@ fn cell_to_sql(cell: &Cell) -> rusqlite::types::Value {
         Cell::Int(i) => Sql::Integer(*i),
         Cell::Text(s) | Cell::Json(Value::String(s)) => Sql::Text(s.clone()),
         Cell::Json(Value::Bool(b)) => Sql::Integer(i64::from(*b)),
-        Cell::Json(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
-            (Some(i), _) => Sql::Integer(i),
+        Cell::Json(Value::Number(n)) => match n.as_i64() {
+            Some(i) => Sql::Integer(i),
             // Integers beyond i64 keep their exact digits as text.
-            (None, _) if n.is_u64() => Sql::Text(n.to_string()),
-            (None, Some(f)) => Sql::Real(f),
-            (None, None) => Sql::Text(n.to_string()),
+            None if n
+                .to_string()
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'-') =>
+            {
+                Sql::Text(n.to_string())
+            }
+            None => n
+                .as_f64()
+                .map_or_else(|| Sql::Text(n.to_string()), Sql::Real),
         },
         Cell::Json(other) => Sql::Text(other.to_string()),
     }
@@ -311,6 +320,32 @@ mod tests {
             })
             .unwrap();
         assert_eq!((ver, qty), (3, 3));
+    }
+
+    /// A table made by hand with a text version column still compares
+    /// versions as numbers: 10 is newer than 9.
+    #[test]
+    fn versions_compare_as_numbers_whatever_the_column_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), SinkMode::Upsert);
+        cfg.table.create = false;
+        Connection::open(&cfg.path)
+            .unwrap()
+            .execute_batch("CREATE TABLE orders (id TEXT PRIMARY KEY, ver TEXT, qty INTEGER)")
+            .unwrap();
+        let mut sink = SqliteSink::open(&cfg).unwrap();
+        assert_eq!(
+            apply(&mut sink, "a", r#"{"id":"x","ver":9,"qty":1}"#),
+            WriteOutcome::Applied
+        );
+        assert_eq!(
+            apply(&mut sink, "b", r#"{"id":"x","ver":10,"qty":2}"#),
+            WriteOutcome::Applied
+        );
+        assert_eq!(
+            apply(&mut sink, "c", r#"{"id":"x","ver":10,"qty":3}"#),
+            WriteOutcome::AlreadyPresent
+        );
     }
 
     #[test]
