@@ -525,9 +525,11 @@ impl Config {
     /// # Errors
     /// As [`Config::load`].
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        // The parser's own message quotes the offending line, which may hold
+        // a secret: say where, not what.
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_path_buf(),
-            message: e.to_string(),
+            message: parse_error_message(text, &e),
         })?;
         config.validate()?;
         Ok(config)
@@ -618,6 +620,22 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("not a tracing filter: {e}")));
         }
+        // A bare word that is not a level reads as a target name and
+        // silences every log line: refuse it.
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        for directive in self.log.level.split(',').map(str::trim) {
+            if !directive.contains('=')
+                && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+            {
+                return Err(invalid(
+                    "log.level",
+                    format!(
+                        "`{directive}` is not a level; use trace, debug, info, warn, error or \
+                         off, or target=level"
+                    ),
+                ));
+            }
+        }
         match &self.sink {
             SinkConfig::Sqlite(sqlite) => sqlite.table.validate("sink.table")?,
             SinkConfig::Postgres(pg) => {
@@ -699,7 +717,13 @@ impl Config {
         for (k, v) in &self.kafka.properties {
             client.set(k, v);
             if let Err(e) = client.create_native_config() {
-                return Err(invalid(format!("kafka.properties.{k}"), e.to_string()));
+                // librdkafka's message may quote the value.
+                let why = if is_secret(k) {
+                    "librdkafka refuses this property (its value is not shown)".to_string()
+                } else {
+                    e.to_string()
+                };
+                return Err(invalid(format!("kafka.properties.{k}"), why));
             }
         }
         Ok(())
@@ -873,6 +897,35 @@ impl TableConfig {
     }
 }
 
+/// A TOML error as "field (line N): problem", without quoting the line,
+/// which may hold a secret.
+fn parse_error_message(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().trim_end().to_string();
+    };
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or_default().trim();
+    let section = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !line.starts_with('['));
+    let field = match (section, key) {
+        (Some(s), Some(k)) => format!("`{s}.{k}` "),
+        (None, Some(k)) => format!("`{k}` "),
+        (Some(s), None) => format!("`{s}` "),
+        (None, None) => String::new(),
+    };
+    format!("{field}(line {line_no}): {}", e.message().trim_end())
+}
+
 /// The effective configuration as TOML, defaults filled in, secrets
 /// redacted: what `idem check-config` prints.
 pub fn describe(config: &Config) -> String {
@@ -898,16 +951,32 @@ pub fn describe(config: &Config) -> String {
 
 /// `postgresql://user:secret@host/db` becomes `postgresql://user:<redacted>@host/db`.
 pub fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
     };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
+    let mut out = match base.split_once("://").and_then(|(scheme, rest)| {
+        let (userinfo, host) = rest.rsplit_once('@')?;
+        let (user, _) = userinfo.split_once(':')?;
+        Some(format!("{scheme}://{user}:<redacted>@{host}"))
+    }) {
+        Some(redacted) => redacted,
+        None => base.to_string(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
-        None => url.to_string(),
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
+                    format!("{k}=<redacted>")
+                }
+                _ => kv.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 fn is_secret(property: &str) -> bool {
@@ -920,6 +989,7 @@ fn is_secret(property: &str) -> bool {
         "token",
         "api-key",
         "apikey",
+        "oauthbearer.config",
     ]
     .iter()
     .any(|s| p.contains(s))
@@ -1107,6 +1177,30 @@ topic = "orders.v1.dlq"
             redact_url_password("postgresql://idem@db/x"),
             "postgresql://idem@db/x"
         );
+        assert_eq!(
+            redact_url_password("postgresql://db/x?user=a&password=s3cret&sslmode=require"),
+            "postgresql://db/x?user=a&password=<redacted>&sslmode=require"
+        );
+    }
+
+    #[test]
+    fn a_parse_error_names_the_field_but_does_not_quote_the_line() {
+        let text = GOOD.replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\nproperties = { \"sasl.password\" = \"hunter2\", \"x\" = 1 }",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("kafka.properties"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_log_level_is_refused() {
+        let text = GOOD.to_string() + "\n[log]\nlevel = \"warning\"\n";
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("log.level"), "{err}");
+        let ok = GOOD.to_string() + "\n[log]\nlevel = \"info,librdkafka=warn\"\n";
+        assert!(parse(&ok).is_ok());
     }
 
     #[test]

@@ -16,16 +16,16 @@ fn time(ms: i64) -> String {
     }
 }
 
-/// The dedup record of one idempotency key, in every partition that has it.
+/// The dedup record of one idempotency key, in every partition that has
+/// it; `None` when no partition has it.
 ///
 /// # Errors
 /// A RocksDB read error.
-pub fn key(store: &DedupStore, key: &str) -> Result<String, StoreError> {
+pub fn key(store: &DedupStore, key: &str) -> Result<Option<String>, StoreError> {
     let found = store.find(&IdemKey(key.to_string()))?;
     let mut out = String::new();
     if found.is_empty() {
-        let _ = writeln!(out, "key {key:?}: not in the dedup store");
-        return Ok(out);
+        return Ok(None);
     }
     let now = store.now_ms();
     for (p, entry) in found {
@@ -47,7 +47,7 @@ pub fn key(store: &DedupStore, key: &str) -> Result<String, StoreError> {
             }
         );
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Keys, bytes and oldest entry per partition.

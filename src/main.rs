@@ -72,18 +72,19 @@ struct ReplayArgs {
     /// The broker address, instead of (or overriding) the config's.
     #[arg(long, group = "broker")]
     bootstrap_servers: Option<String>,
+    /// The consumer group; default: the config's kafka.group_id.
     #[arg(long)]
-    group: String,
+    group: Option<String>,
     #[arg(long)]
     topic: String,
     /// Only this partition; default all.
     #[arg(long)]
     partition: Option<i32>,
     /// Move to this offset (clamped to what the partition holds).
-    #[arg(long, group = "target")]
+    #[arg(long, group = "target", value_parser = clap::value_parser!(i64).range(0..))]
     to_offset: Option<i64>,
-    /// Move to the first record at or after this time (RFC 3339, e.g.
-    /// 2026-12-04T10:00:00Z).
+    /// Move to the first record at or after this time (RFC 3339 with a zone,
+    /// e.g. 2026-12-04T10:00:00Z or 2026-12-04T11:00:00+01:00).
     #[arg(long, group = "target")]
     to_datetime: Option<String>,
     /// Move to the first record at or after this long ago (e.g. 90m, 2h).
@@ -224,16 +225,21 @@ fn demo(json: bool) -> ExitCode {
 fn replay(args: &ReplayArgs) -> ExitCode {
     use idem::replay::{self, Target};
 
-    let (mut bootstrap, mut properties) = (None, Default::default());
+    let (mut bootstrap, mut properties, mut group) = (None, Default::default(), None);
     if let Some(path) = &args.config {
         match load(path) {
             Ok(config) => {
                 bootstrap = Some(config.kafka.bootstrap_servers);
                 properties = config.kafka.properties;
+                group = Some(config.kafka.group_id);
             }
             Err(code) => return code,
         }
     }
+    let Some(group) = args.group.clone().or(group) else {
+        eprintln!("idem replay: give --group, or --config with kafka.group_id");
+        return ExitCode::from(EXIT_CONFIG);
+    };
     let Some(bootstrap) = args.bootstrap_servers.clone().or(bootstrap) else {
         eprintln!("idem replay: give --config or --bootstrap-servers");
         return ExitCode::from(EXIT_CONFIG);
@@ -241,13 +247,13 @@ fn replay(args: &ReplayArgs) -> ExitCode {
     let target = if let Some(o) = args.to_offset {
         Target::Offset(o)
     } else if let Some(t) = &args.to_datetime {
-        match humantime::parse_rfc3339_weak(t) {
-            Ok(at) => Target::Timestamp(
-                at.duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as i64),
-            ),
+        match replay::parse_datetime_ms(t) {
+            Ok(ms) => Target::Timestamp(ms),
             Err(e) => {
-                eprintln!("idem replay: --to-datetime {t:?}: {e}; use e.g. 2026-12-04T10:00:00Z");
+                eprintln!(
+                    "idem replay: --to-datetime {t:?}: {e}; use e.g. 2026-12-04T10:00:00Z \
+                     or 2026-12-04T11:00:00+01:00"
+                );
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
@@ -264,11 +270,11 @@ fn replay(args: &ReplayArgs) -> ExitCode {
     };
 
     let result = (|| -> Result<(), replay::ReplayError> {
-        let client = replay::group_client(&bootstrap, &properties, &args.group)?;
+        let client = replay::group_client(&bootstrap, &properties, &group)?;
         let rows = replay::plan(&client, &args.topic, args.partition, target)?;
-        print!("{}", replay::render(&args.group, &args.topic, &rows));
+        print!("{}", replay::render(&group, &args.topic, &rows));
         replay::check_no_skip(&rows)?;
-        replay::check_group_inactive(&client, &args.group)?;
+        replay::check_group_inactive(&client, &group)?;
         if args.dry_run {
             println!("dry run: nothing changed");
         } else {
@@ -291,6 +297,13 @@ fn inspect(path: &std::path::Path, what: &InspectWhat) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if !config.dedup.path.join("CURRENT").exists() {
+        eprintln!(
+            "idem inspect: no dedup store at {} (dedup.path); has idem run with this config?",
+            config.dedup.path.display()
+        );
+        return ExitCode::FAILURE;
+    }
     let store = match idem::dedup::DedupStore::open_read_only(
         &config.dedup.path,
         config.dedup.window,
@@ -303,7 +316,13 @@ fn inspect(path: &std::path::Path, what: &InspectWhat) -> ExitCode {
         }
     };
     let shown = match what {
-        InspectWhat::Key { key } => idem::inspect::key(&store, key),
+        InspectWhat::Key { key } => match idem::inspect::key(&store, key) {
+            Ok(None) => {
+                eprintln!("idem inspect: key {key:?} is not in the dedup store");
+                return ExitCode::FAILURE;
+            }
+            other => other.map(Option::unwrap_or_default),
+        },
         InspectWhat::Stats => idem::inspect::stats(&store),
     };
     match shown {

@@ -69,6 +69,7 @@ impl PlanRow {
     pub fn to_reread(&self) -> i64 {
         self.committed
             .unwrap_or(self.high)
+            .max(self.low)
             .saturating_sub(self.new)
             .max(0)
     }
@@ -198,7 +199,8 @@ pub fn check_group_inactive(consumer: &BaseConsumer, group: &str) -> Result<(), 
 pub fn check_no_skip(rows: &[PlanRow]) -> Result<(), ReplayError> {
     for row in rows {
         if let Some(committed) = row.committed {
-            if row.new > committed {
+            // Below the oldest retained record, nothing is left to skip.
+            if row.new > committed.max(row.low) {
                 return Err(ReplayError::WouldSkip {
                     partition: row.partition,
                     committed,
@@ -247,7 +249,50 @@ pub fn render(group: &str, topic: &str, rows: &[PlanRow]) -> String {
     }
     let total: i64 = rows.iter().map(PlanRow::to_reread).sum();
     let _ = writeln!(out, "total records to read again: {total}");
+    if rows.iter().all(|r| r.committed.is_none()) {
+        let _ = writeln!(
+            out,
+            "note: group {group} has no committed offset on {topic}; check the group name \
+             (this replay would create the group's offsets)"
+        );
+    }
     out
+}
+
+/// Parses an RFC 3339 time with a zone (`Z` or `+hh:mm`) to milliseconds
+/// since the epoch. A time without a zone is refused rather than guessed.
+///
+/// # Errors
+/// What is wrong with the text.
+pub fn parse_datetime_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let (base, offset_secs) =
+        if let Some(base) = t.strip_suffix('Z').or_else(|| t.strip_suffix('z')) {
+            (base.to_string(), 0i64)
+        } else {
+            let split = t.len().checked_sub(6).filter(|&i| t.is_char_boundary(i));
+            let zone = split.map(|i| &t[i..]);
+            match zone {
+                Some(z) if (z.starts_with('+') || z.starts_with('-')) && &z[3..4] == ":" => {
+                    let hours: i64 = z[1..3].parse().map_err(|_| "bad zone hours".to_string())?;
+                    let minutes: i64 = z[4..6]
+                        .parse()
+                        .map_err(|_| "bad zone minutes".to_string())?;
+                    let sign = if z.starts_with('-') { -1 } else { 1 };
+                    (
+                        t[..t.len() - 6].to_string(),
+                        sign * (hours * 3600 + minutes * 60),
+                    )
+                }
+                _ => return Err("add a zone: Z or an offset like +01:00".to_string()),
+            }
+        };
+    let at = humantime::parse_rfc3339_weak(&base).map_err(|e| e.to_string())?;
+    let ms = at
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| "before 1970".to_string())?
+        .as_millis() as i64;
+    Ok(ms - offset_secs * 1000)
 }
 
 /// Milliseconds since the epoch of `now - ago`.
@@ -275,9 +320,31 @@ mod tests {
     }
 
     #[test]
+    fn datetimes_need_a_zone() {
+        let utc = parse_datetime_ms("2026-12-04T10:00:00Z").unwrap();
+        assert_eq!(parse_datetime_ms("2026-12-04T11:00:00+01:00").unwrap(), utc);
+        assert_eq!(parse_datetime_ms("2026-12-04T08:30:00-01:30").unwrap(), utc);
+        assert!(parse_datetime_ms("2026-12-04T10:00:00").is_err());
+        assert!(parse_datetime_ms("yesterday").is_err());
+    }
+
+    #[test]
     fn records_to_read_count_from_the_committed_offset() {
         assert_eq!(row(Some(80), 30).to_reread(), 50);
         assert_eq!(row(None, 30).to_reread(), 70);
+    }
+
+    #[test]
+    fn moving_up_to_the_oldest_record_skips_nothing() {
+        // Retention removed records below 200; the group is at 162.
+        let row = PlanRow {
+            partition: 0,
+            committed: Some(162),
+            new: 200,
+            low: 200,
+            high: 300,
+        };
+        assert!(check_no_skip(&[row]).is_ok());
     }
 
     #[test]

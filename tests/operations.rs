@@ -265,14 +265,15 @@ fn inspect_key_and_stats() {
     assert!(shown.contains("partition    0"), "{shown}");
     assert!(shown.contains("first offset 1"), "{shown}");
     assert!(shown.contains(&f.topic), "{shown}");
-    let missing = ok(&idem(&[
+    let missing = idem(&[
         "inspect",
         "--config",
         config.to_str().unwrap(),
         "key",
         "nope",
-    ]));
-    assert!(missing.contains("not in the dedup store"));
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not in the dedup store"));
 
     let stats = ok(&idem(&[
         "inspect",

@@ -333,6 +333,13 @@ impl BatchProcessor {
             match self.sink.apply(&batch) {
                 Ok(outcomes) => {
                     self.readiness.set_sink_ok(true);
+                    if backoff.attempt() > 0 {
+                        tracing::info!(
+                            sink = self.sink.name(),
+                            retries = backoff.attempt(),
+                            "sink write succeeded after retries"
+                        );
+                    }
                     self.metrics
                         .sink_write_seconds
                         .observe(started.elapsed().as_secs_f64());

@@ -292,19 +292,22 @@ fn set_start_offsets(
             Start::Earliest => KafkaOffset::Beginning,
             Start::Latest => KafkaOffset::End,
             Start::Refuse => {
+                let show = |o: Option<i64>| o.map_or_else(|| "none".to_string(), |o| o.to_string());
                 return Err(format!(
-                    "{topic}/{partition}: no committed offset within [{low}, {high}] \
-                     (group has {group_offset:?}) and no stored progress ({stored:?}); \
-                     kafka.offset_reset is \"fail\": set the group's offset with \
-                     `idem replay`, or choose \"earliest\" or \"latest\""
-                ))
+                    "{topic}/{partition}: neither the group's committed offset ({}) nor \
+                     idem's stored progress ({}) lies within the partition's offsets \
+                     [{low}, {high}], and kafka.offset_reset is \"fail\": set the group's \
+                     offset with `idem replay`, or choose \"earliest\" or \"latest\"",
+                    show(group_offset),
+                    show(stored)
+                ));
             }
         };
         warn!(
             topic,
             partition,
-            committed = ?group_offset,
-            stored_progress = ?stored,
+                        committed = group_offset.unwrap_or(-1),
+            stored_progress = stored.unwrap_or(-1),
             low,
             high,
             start = ?choice,

@@ -161,7 +161,7 @@ impl Pipeline {
         );
         info!(
             group = %self.config.kafka.group_id,
-            topics = ?self.config.topic_names(),
+                        topics = %self.config.topic_names().join(","),
             window_secs = self.config.dedup.window.as_secs(),
             "pipeline starting"
         );

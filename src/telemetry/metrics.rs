@@ -101,7 +101,8 @@ impl Metrics {
             ),
             sink_retries: counter_vec(
                 "idem_sink_retries_total",
-                "Sink batches retried after a transient failure, by sink and cause.",
+                "Sink batches retried, by sink and cause: unavailable (healing by \
+                 itself) or needs-operator.",
                 &["sink", "cause"],
             ),
             commit_failures: counter(
