@@ -236,16 +236,7 @@ fn c1_rebalance_while_a_batch_is_in_flight() {
 fn c12_http_413_is_dead_lettered_as_too_large() {
     let receiver = Receiver::start();
     receiver.seen.max_body.store(1 << 20, Ordering::SeqCst);
-    let topic = unique("orders.v1-c12-http");
-    create_topic_with(&topic, 2, &[("max.message.bytes", "3000000")]);
-    let f = Fixture {
-        dir: tempfile::tempdir().unwrap(),
-        dead_letter_topic: format!("{topic}.dlq"),
-        group: unique("idem-test-c12-http"),
-        topic,
-        partitions: 2,
-    };
-    create_topic(&f.dead_letter_topic, 1);
+    let f = Fixture::with_topic_config("c12-http", &[("max.message.bytes", "3000000")]);
     let big = format!(
         r#"{{"id":"ord-1","ver":1,"note":"{}"}}"#,
         "x".repeat(1_500_000)

@@ -386,16 +386,7 @@ fn c13_tombstones_null_keys_and_bad_bytes() {
 /// carries everything but the value, and says so.
 #[test]
 fn c12_record_too_large_is_dead_lettered_without_blocking() {
-    let topic = unique("orders.v1-c12");
-    create_topic_with(&topic, 2, &[("max.message.bytes", "3000000")]);
-    let f = Fixture {
-        dir: tempfile::tempdir().unwrap(),
-        dead_letter_topic: format!("{topic}.dlq"),
-        group: unique("idem-test-c12"),
-        topic,
-        partitions: 2,
-    };
-    create_topic(&f.dead_letter_topic, 1);
+    let f = Fixture::with_topic_config("c12", &[("max.message.bytes", "3000000")]);
     let big = format!(
         r#"{{"id":"ord-12","ver":1,"qty":1,"note":"{}"}}"#,
         "x".repeat(1_500_000)

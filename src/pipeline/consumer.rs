@@ -335,14 +335,8 @@ fn describe(tpl: &TopicPartitionList) -> String {
 /// The librdkafka consumer configuration. Auto commit and auto offset
 /// store are off: idem commits itself, after the write path.
 pub fn client_config(config: &Config) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    for (k, v) in &config.kafka.properties {
-        client.set(k, v);
-    }
+    let mut client = lookup_config(config);
     client
-        .set("bootstrap.servers", &config.kafka.bootstrap_servers)
-        .set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set(
             "auto.offset.reset",

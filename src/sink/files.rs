@@ -198,7 +198,6 @@ impl Sink for FilesSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{IdemKey, Offset, Partition};
 
     fn sink(dir: &Path, mode: SinkMode) -> FilesSink {
         FilesSink::open(&FilesSinkConfig {
@@ -211,17 +210,7 @@ mod tests {
     }
 
     fn apply(sink: &mut FilesSink, key: &str, body: &str) -> WriteOutcome {
-        let value: Value = serde_json::from_str(body).unwrap();
-        let key = IdemKey(key.into());
-        let write = SinkWrite {
-            topic: "t",
-            partition: Partition(0),
-            offset: Offset(0),
-            key: &key,
-            body: &value,
-            raw: body.as_bytes(),
-        };
-        sink.apply(&[write]).unwrap().remove(0)
+        crate::sink::apply_one(sink, key, body)
     }
 
     #[test]

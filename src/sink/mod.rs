@@ -98,3 +98,19 @@ pub trait Sink: Send {
     /// of it may be taken as applied, and the caller retries it.
     fn apply(&mut self, batch: &[SinkWrite<'_>]) -> Result<Vec<WriteOutcome>, SinkError>;
 }
+
+/// Applies one record with this key and JSON body, for the sinks' tests.
+#[cfg(test)]
+pub(crate) fn apply_one(sink: &mut dyn Sink, key: &str, body: &str) -> WriteOutcome {
+    let value: Value = serde_json::from_str(body).expect("test bodies are JSON");
+    let key = IdemKey(key.into());
+    let write = SinkWrite {
+        topic: "t",
+        partition: Partition(0),
+        offset: Offset(0),
+        key: &key,
+        body: &value,
+        raw: body.as_bytes(),
+    };
+    sink.apply(&[write]).expect("the test sink is up").remove(0)
+}

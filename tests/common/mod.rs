@@ -295,6 +295,22 @@ impl Fixture {
         Fixture::with_dead_letter_topic(name, true)
     }
 
+    /// Like [`Fixture::new`], with topic-level configs on the input topic
+    /// (e.g. a larger `max.message.bytes`).
+    pub fn with_topic_config(name: &str, configs: &[(&str, &str)]) -> Fixture {
+        let topic = unique(&format!("orders.v1-{name}"));
+        create_topic_with(&topic, 2, configs);
+        let f = Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            dead_letter_topic: format!("{topic}.dlq"),
+            group: unique(&format!("idem-test-{name}")),
+            topic,
+            partitions: 2,
+        };
+        create_topic(&f.dead_letter_topic, 1);
+        f
+    }
+
     pub fn with_dead_letter_topic(name: &str, create_dead_letter: bool) -> Fixture {
         let topic = unique(&format!("orders.v1-{name}"));
         let f = Fixture {
