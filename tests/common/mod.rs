@@ -298,20 +298,15 @@ impl Fixture {
     /// Like [`Fixture::new`], with topic-level configs on the input topic
     /// (e.g. a larger `max.message.bytes`).
     pub fn with_topic_config(name: &str, configs: &[(&str, &str)]) -> Fixture {
-        let topic = unique(&format!("orders.v1-{name}"));
-        create_topic_with(&topic, 2, configs);
-        let f = Fixture {
-            dir: tempfile::tempdir().unwrap(),
-            dead_letter_topic: format!("{topic}.dlq"),
-            group: unique(&format!("idem-test-{name}")),
-            topic,
-            partitions: 2,
-        };
-        create_topic(&f.dead_letter_topic, 1);
-        f
+        Fixture::build(name, configs, true)
     }
 
+    /// Like [`Fixture::new`]; without the dead-letter topic when asked.
     pub fn with_dead_letter_topic(name: &str, create_dead_letter: bool) -> Fixture {
+        Fixture::build(name, &[], create_dead_letter)
+    }
+
+    fn build(name: &str, configs: &[(&str, &str)], create_dead_letter: bool) -> Fixture {
         let topic = unique(&format!("orders.v1-{name}"));
         let f = Fixture {
             dir: tempfile::tempdir().unwrap(),
@@ -320,7 +315,7 @@ impl Fixture {
             topic,
             partitions: 2,
         };
-        create_topic(&f.topic, f.partitions);
+        create_topic_with(&f.topic, f.partitions, configs);
         if create_dead_letter {
             create_topic(&f.dead_letter_topic, 1);
         }
