@@ -56,6 +56,10 @@ struct DeliveryContext {
 
 const INDEX_BITS: u32 = 32;
 
+/// A letter sent without its value also leaves out a record key and
+/// headers larger than this together.
+const OMIT_KEY_AND_HEADERS_OVER: usize = 256 << 10;
+
 fn opaque(generation: usize, index: usize) -> usize {
     (generation << INDEX_BITS) | index
 }
@@ -262,8 +266,18 @@ impl DeadLetterProducer {
                 r.value.as_ref().map_or(0, Vec::len)
             )
         });
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 6);
-        for h in &r.headers {
+        // Without its value a letter can still be too large: a huge record
+        // key or huge headers are left out too, and said so.
+        let key_and_headers = r.key.as_ref().map_or(0, Vec::len)
+            + r.headers
+                .iter()
+                .map(|h| h.name.len() + h.value.as_ref().map_or(0, Vec::len))
+                .sum::<usize>();
+        let drop_key_and_headers = omit_value && key_and_headers > OMIT_KEY_AND_HEADERS_OVER;
+        let key_omitted = drop_key_and_headers
+            .then(|| format!("{key_and_headers} bytes of record key and headers left out"));
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 7);
+        for h in r.headers.iter().filter(|_| !drop_key_and_headers) {
             headers = headers.insert(KafkaHeader {
                 key: &h.name,
                 value: h.value.as_deref(),
@@ -276,6 +290,7 @@ impl DeadLetterProducer {
             ("idem.reason", Some(letter.reason.as_str())),
             ("idem.error", Some(letter.detail)),
             ("idem.value-omitted", omitted.as_deref()),
+            ("idem.key-omitted", key_omitted.as_deref()),
         ] {
             if let Some(value) = value {
                 headers = headers.insert(KafkaHeader {
@@ -287,7 +302,7 @@ impl DeadLetterProducer {
 
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(&self.topic, opaque).headers(headers);
-        if let Some(key) = r.key.as_deref() {
+        if let (Some(key), false) = (r.key.as_deref(), drop_key_and_headers) {
             record = record.key(key);
         }
         if let (Some(value), false) = (r.value.as_deref(), omit_value) {

@@ -391,26 +391,39 @@ fn c12_record_too_large_is_dead_lettered_without_blocking() {
         r#"{{"id":"ord-12","ver":1,"qty":1,"note":"{}"}}"#,
         "x".repeat(1_500_000)
     );
+    // Poison whose record key alone is too large for the dead-letter topic.
+    let mut big_key = Rec::order(0, "K14", "x", 1, 1).with_value(b"not json");
+    big_key.key = Some(vec![b'k'; 2_500_000]);
     produce(
         &f.topic,
         &[
             Rec::order(0, "K12", "ord-12", 1, 1).with_value(big.as_bytes()),
             Rec::order(0, "K13", "ord-13", 1, 1),
+            big_key,
+            Rec::order(0, "K15", "ord-15", 1, 1),
         ],
     );
     let run = Running::start(f.config(Mode::Upsert, "7d"));
-    run.wait_read(2);
-    f.wait_committed(&[2, -1]);
-    assert_eq!(run.count(Outcome::DeadLettered), 1);
-    assert_eq!(run.count(Outcome::Applied), 1);
+    run.wait_read(4);
+    f.wait_committed(&[4, -1]);
+    assert_eq!(run.count(Outcome::DeadLettered), 2);
+    assert_eq!(run.count(Outcome::Applied), 2);
     run.stop();
     let letters = read_all(&f.dead_letter_topic, 1);
-    assert_eq!(letters.len(), 1);
-    let m = &letters[0];
+    assert_eq!(letters.len(), 2);
+    let at = |offset: &[u8]| {
+        letters
+            .iter()
+            .find(|m| header(m, "idem.source.offset") == Some(offset))
+            .expect("a dead letter for that offset")
+    };
+    let m = at(b"0");
     assert_eq!(header(m, "idem.reason"), Some(&b"too-large"[..]));
-    assert_eq!(header(m, "idem.source.offset"), Some(&b"0"[..]));
     assert!(m.payload().is_none());
     let omitted = String::from_utf8(header(m, "idem.value-omitted").unwrap().to_vec()).unwrap();
     assert!(omitted.starts_with(&big.len().to_string()), "{omitted}");
-    assert!(f.rows().contains_key("ord-13"));
+    let k = at(b"2");
+    assert_eq!(header(k, "idem.reason"), Some(&b"invalid-json"[..]));
+    assert!(k.key().is_none() && header(k, "idem.key-omitted").is_some());
+    assert!(f.rows().contains_key("ord-13") && f.rows().contains_key("ord-15"));
 }

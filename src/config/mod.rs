@@ -564,11 +564,18 @@ fn parse_error_message(text: &str, e: &toml::de::Error) -> String {
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let line_no = text[..start].matches('\n').count() + 1;
     let line = text[line_start..].lines().next().unwrap_or_default().trim();
-    let section = text[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
+    // A whole table's error (a tagged table such as [sink]) points at its
+    // header line; otherwise the nearest header above names the table.
+    let section = std::iter::once(line)
+        .filter(|l| l.starts_with('['))
+        .chain(
+            text[..line_start]
+                .lines()
+                .rev()
+                .map(str::trim)
+                .filter(|l| l.starts_with('[')),
+        )
+        .next()
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     let key = line
         .split_once('=')
@@ -737,6 +744,13 @@ topic = "orders.v1.dlq"
         let err = parse(&text).unwrap_err().to_string();
         assert!(!err.contains("hunter2"), "{err}");
         assert!(err.contains("kafka.properties"), "{err}");
+    }
+
+    #[test]
+    fn errors_inside_the_sink_table_name_the_sink() {
+        let text = GOOD.replace("path = \"/tmp/s.db\"", "path = \"/tmp/s.db\"\nbusy = 1");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("`sink"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,8 @@ use crate::record::{IdemKey, Offset, Partition};
 const CF_DEDUP: &str = "dedup";
 const CF_PROGRESS: &str = "progress";
 const ENTRY_FORMAT: u8 = 1;
+/// In the progress column family; no topic name starts with 0xFF.
+const REBUILD_KEY: &[u8] = b"\xffrebuild-since";
 const ENTRY_LEN: usize = 1 + 16 + 8 + 8;
 
 /// A dedup store failure. RocksDB errors on a local disk are not expected
@@ -340,6 +342,36 @@ impl DedupStore {
             .unwrap_or(0)
     }
 
+    /// When the rebuild in progress started, if one is: kept in the store
+    /// so that a restarted rebuild goes on with the same cut-off and still
+    /// knows the keys its first run wrote.
+    ///
+    /// # Errors
+    /// A RocksDB read error.
+    pub fn rebuild_since(&self) -> Result<Option<i64>, StoreError> {
+        let bytes = self.db.get_cf(&self.cf(CF_PROGRESS), REBUILD_KEY)?;
+        Ok(bytes
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// Records (or, with `None`, ends) a rebuild, synced.
+    ///
+    /// # Errors
+    /// A RocksDB write error.
+    pub fn set_rebuild_since(&self, since: Option<i64>) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        let cf = self.cf(CF_PROGRESS);
+        match since {
+            Some(ms) => self
+                .db
+                .put_cf_opt(&cf, REBUILD_KEY, ms.to_be_bytes(), &opts)?,
+            None => self.db.delete_cf_opt(&cf, REBUILD_KEY, &opts)?,
+        }
+        Ok(())
+    }
+
     /// Every partition with recorded progress, and its next offset.
     ///
     /// # Errors
@@ -558,6 +590,22 @@ mod tests {
             .unwrap();
         let found = store.lookup(&[&old, &new]).unwrap();
         assert!(found[0].is_none() && found[1].is_some());
+    }
+
+    #[test]
+    fn a_rebuild_is_remembered_until_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(0);
+        {
+            let store = open(dir.path(), &clock);
+            assert_eq!(store.rebuild_since().unwrap(), None);
+            store.set_rebuild_since(Some(42)).unwrap();
+        }
+        let store = open(dir.path(), &clock);
+        assert_eq!(store.rebuild_since().unwrap(), Some(42));
+        assert!(store.partitions().unwrap().is_empty(), "not a partition");
+        store.set_rebuild_since(None).unwrap();
+        assert_eq!(store.rebuild_since().unwrap(), None);
     }
 
     #[test]

@@ -136,11 +136,25 @@ impl Pipeline {
             Arc::clone(&self.clock),
         )?;
         if self.rebuild {
-            store.ignore_entries_before(self.clock.now_ms());
+            // A restarted rebuild keeps the first start's cut-off, so that
+            // the keys its earlier runs wrote still count.
+            let since = match store.rebuild_since()? {
+                Some(since) => since,
+                None => {
+                    let now = self.clock.now_ms();
+                    store.set_rebuild_since(Some(now))?;
+                    now
+                }
+            };
+            store.ignore_entries_before(since);
             tracing::warn!(
-                "rebuild mode: dedup entries from before this start are ignored, every \
-                 record read is applied again; restart without --rebuild once caught up"
+                since_ms = since,
+                "rebuild mode: dedup entries from before the rebuild started are ignored, \
+                 every record read is applied again; restart without --rebuild once caught up"
             );
+        } else if store.rebuild_since()?.is_some() {
+            store.set_rebuild_since(None)?;
+            tracing::info!("rebuild ended: every dedup entry counts again");
         }
         let store = Arc::new(store);
         let Some(sink) = self.open_sink()? else {

@@ -58,6 +58,10 @@ fn file_name(key: &str) -> String {
     }
     if name.is_empty() || name.starts_with('.') || name.len() > 200 {
         name = format!("h-{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes()));
+    } else if name.starts_with("h-") {
+        // Hashed names start with "h-": a key that does too is escaped, so
+        // the two can never meet.
+        name.replace_range(..1, "%68");
     }
     name.push_str(".json");
     name
@@ -267,6 +271,7 @@ mod tests {
                 + ".json"
         );
         assert_eq!(file_name("a b"), "a%20b.json");
+        assert_eq!(file_name("h-1"), "%68-1.json");
         assert!(file_name(&"x".repeat(500)).len() < 60);
     }
 }
