@@ -3,15 +3,18 @@
 //! Two ways to crash at a named point:
 //! - With the `failpoints` cargo feature (tests only), the environment
 //!   variable `IDEM_CRASH_AT=<point>[:<n>]` makes the process SIGKILL
-//!   itself the n-th time (default 1st) it reaches `<point>`. Release
-//!   builds for users do not compile this in.
+//!   itself the n-th time (default 1st) it reaches `<point>`, and
+//!   `IDEM_STALL_AT=<point>:<seconds>` makes it sleep there the first
+//!   time, as a long pause would. Release builds for users do not compile
+//!   this in.
 //! - A [`CrashPlan`] given to the pipeline stops it at a point as if it
 //!   had been killed: nothing after the point runs, nothing is committed.
 //!   `idem demo` uses it to show a crash and a recovery in one process.
 //!
 //! The points, in write-path order: `mid-sink-batch` (inside the sink
 //! transaction), `after-sink-write`, `after-dead-letter`,
-//! `after-dedup-write` (before the offset commit).
+//! `after-dedup-write` (before the offset commit), and with the Kafka sink
+//! `before-transaction-commit` (offsets sent, commit not yet).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -30,6 +33,19 @@ pub fn hit(point: &str) {
         };
         Some((name, n))
     });
+    static STALL: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static STALLED: AtomicUsize = AtomicUsize::new(0);
+    let stall = STALL.get_or_init(|| {
+        let spec = std::env::var("IDEM_STALL_AT").ok()?;
+        let (name, secs) = spec.split_once(':')?;
+        Some((name.to_string(), secs.parse().ok()?))
+    });
+    if let Some((name, secs)) = stall {
+        if name == point && STALLED.fetch_add(1, Ordering::SeqCst) == 0 {
+            eprintln!("idem: failpoint {point} reached; stalling for {secs} s");
+            std::thread::sleep(std::time::Duration::from_secs(*secs));
+        }
+    }
     if let Some((name, n)) = plan {
         if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n {
             eprintln!("idem: failpoint {point} reached; killing this process with SIGKILL");

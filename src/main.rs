@@ -226,12 +226,16 @@ fn replay(args: &ReplayArgs) -> ExitCode {
     use idem::replay::{self, Target};
 
     let (mut bootstrap, mut properties, mut group) = (None, Default::default(), None);
+    let mut transactional = None;
     if let Some(path) = &args.config {
         match load(path) {
             Ok(config) => {
-                bootstrap = Some(config.kafka.bootstrap_servers);
-                properties = config.kafka.properties;
-                group = Some(config.kafka.group_id);
+                bootstrap = Some(config.kafka.bootstrap_servers.clone());
+                properties = config.kafka.properties.clone();
+                group = Some(config.kafka.group_id.clone());
+                if config.sink.is_transactional() {
+                    transactional = Some(config);
+                }
             }
             Err(code) => return code,
         }
@@ -278,6 +282,11 @@ fn replay(args: &ReplayArgs) -> ExitCode {
         if args.dry_run {
             println!("dry run: nothing changed");
         } else {
+            if let Some(config) = &transactional {
+                // The last transaction is judged by the offsets about to
+                // move: settle it first.
+                replay::settle_journal(config)?;
+            }
             replay::apply(&client, &args.topic, &rows)?;
             println!("offsets moved; start idem to read the records again");
         }

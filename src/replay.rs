@@ -31,6 +31,8 @@ pub enum Target {
 pub enum ReplayError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("cannot settle the Kafka sink's last transaction first: {0}")]
+    Settle(String),
     #[error("topic {0} does not exist")]
     NoSuchTopic(String),
     #[error("topic {topic} has no partition {partition}")]
@@ -51,6 +53,26 @@ pub enum ReplayError {
         committed: i64,
         new: i64,
     },
+}
+
+/// With the Kafka sink: settles the dedup store's transaction journal
+/// against the offsets before they move, since afterwards a committed
+/// transaction would look aborted.
+///
+/// # Errors
+/// The store or the broker failed.
+pub fn settle_journal(config: &crate::config::Config) -> Result<(), ReplayError> {
+    if !config.dedup.path.join("CURRENT").exists() {
+        return Ok(());
+    }
+    let store = crate::dedup::DedupStore::open(
+        &config.dedup.path,
+        config.dedup.window,
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+    .map_err(|e| ReplayError::Settle(e.to_string()))?;
+    crate::pipeline::consumer::settle_journal(config, &store, TIMEOUT)
+        .map_err(|e| ReplayError::Settle(e.to_string()))
 }
 
 /// One partition of the plan.

@@ -422,6 +422,20 @@ impl Config {
         if self.dead_letter.topic.trim().is_empty() {
             return Err(invalid("dead_letter.topic", "must name a topic"));
         }
+        if let SinkConfig::Kafka(k) = &self.sink {
+            if self.topics.iter().any(|t| t.name == k.topic) {
+                return Err(invalid(
+                    "sink.topic",
+                    "must not be one of the input topics: idem would read its own output",
+                ));
+            }
+            if k.topic == self.dead_letter.topic {
+                return Err(invalid(
+                    "sink.topic",
+                    "must differ from dead_letter.topic, so that outputs and dead letters stay apart",
+                ));
+            }
+        }
         if self.topics.iter().any(|t| t.name == self.dead_letter.topic) {
             return Err(invalid(
                 "dead_letter.topic",
@@ -668,6 +682,43 @@ topic = "orders.v1.dlq"
             sqlite.table.version_source("t").unwrap(),
             VersionSource::Pointer("/ver".into())
         );
+    }
+
+    fn with_kafka_sink(extra: &str) -> String {
+        let start = GOOD.find("[sink]").unwrap();
+        let end = GOOD.find("[dead_letter]").unwrap();
+        format!(
+            "{}[sink]\nkind = \"kafka\"\n{extra}\n\n{}",
+            &GOOD[..start],
+            &GOOD[end..]
+        )
+    }
+
+    #[test]
+    fn kafka_sink_config_is_checked() {
+        let config = parse(&with_kafka_sink("topic = \"orders.clean\"")).unwrap();
+        let SinkConfig::Kafka(kafka) = &config.sink else {
+            panic!("kafka sink expected");
+        };
+        assert_eq!(kafka.transactional_id("g"), "idem-g");
+        assert_eq!(kafka.transaction_timeout_ms, 60_000);
+        for (extra, field) in [
+            ("topic = \"orders.v1\"", "sink.topic"),
+            ("topic = \"orders.v1.dlq\"", "sink.topic"),
+            ("topic = \" \"", "sink.topic"),
+            (
+                "topic = \"o\"\ntransaction_timeout_ms = 100",
+                "sink.transaction_timeout_ms",
+            ),
+            (
+                "topic = \"o\"\ntransactional_id = \"\"",
+                "sink.transactional_id",
+            ),
+            ("topic = \"o\"\nkey_from = \"id\"", "sink.key_from"),
+        ] {
+            let err = parse(&with_kafka_sink(extra)).unwrap_err().to_string();
+            assert!(err.contains(field), "{extra}: {err}");
+        }
     }
 
     #[test]

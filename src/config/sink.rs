@@ -15,6 +15,34 @@ pub enum SinkConfig {
     Postgres(PostgresSinkConfig),
     Files(FilesSinkConfig),
     Http(HttpSinkConfig),
+    Kafka(KafkaSinkConfig),
+}
+
+/// A topic on the same cluster as the input, written by a transactional
+/// producer together with the consumed offsets.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// The output topic. It must exist, and must not be an input topic or
+    /// the dead-letter topic.
+    pub topic: String,
+    /// The producer's `transactional.id`; default `idem-<group_id>`. Each
+    /// running instance needs one of its own that stays the same across
+    /// its restarts, so that a restart fences the instance it replaces.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
+    /// The broker aborts a transaction left open longer than this.
+    #[serde(default = "default_transaction_timeout_ms")]
+    pub transaction_timeout_ms: u64,
+    /// JSON pointer to the field that becomes the output record's key (the
+    /// entity id, so that a compacted output keeps the latest per entity);
+    /// default: the idempotency key.
+    #[serde(default)]
+    pub key_from: Option<String>,
+}
+
+fn default_transaction_timeout_ms() -> u64 {
+    60_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -343,6 +371,40 @@ impl HttpSinkConfig {
     }
 }
 
+impl KafkaSinkConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.topic.trim().is_empty() {
+            return Err(invalid("sink.topic", "must name the output topic"));
+        }
+        if let Some(id) = &self.transactional_id {
+            if id.trim().is_empty() {
+                return Err(invalid(
+                    "sink.transactional_id",
+                    "must not be empty; leave it out for the default idem-<group_id>",
+                ));
+            }
+        }
+        // librdkafka's and the broker's default bounds.
+        if !(1_000..=900_000).contains(&self.transaction_timeout_ms) {
+            return Err(invalid(
+                "sink.transaction_timeout_ms",
+                "must be between 1000 and 900000 (the broker's transaction.max.timeout.ms)",
+            ));
+        }
+        if let Some(p) = &self.key_from {
+            check_pointer("sink.key_from", p)?;
+        }
+        Ok(())
+    }
+
+    /// The transactional id in use.
+    pub fn transactional_id(&self, group_id: &str) -> String {
+        self.transactional_id
+            .clone()
+            .unwrap_or_else(|| format!("idem-{group_id}"))
+    }
+}
+
 impl fmt::Display for SinkMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -353,6 +415,12 @@ impl fmt::Display for SinkMode {
 }
 
 impl SinkConfig {
+    /// Whether the sink commits the consumed offsets in its own
+    /// transaction (the Kafka sink).
+    pub fn is_transactional(&self) -> bool {
+        matches!(self, SinkConfig::Kafka(_))
+    }
+
     /// The checks of the sink section that serde cannot express.
     ///
     /// # Errors
@@ -379,6 +447,7 @@ impl SinkConfig {
                 pg.table.validate("sink.table")?;
             }
             SinkConfig::Http(http) => http.validate()?,
+            SinkConfig::Kafka(kafka) => kafka.validate()?,
             SinkConfig::Files(files) => {
                 match files.mode {
                     SinkMode::Upsert => {

@@ -14,6 +14,10 @@
 //! compacted; the compaction filter only reclaims the space of keys that
 //! look-ups already treat as gone.
 
+mod journal;
+
+pub use journal::Journal;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -288,6 +292,10 @@ impl DedupStore {
         entries: &[(DedupKey, Entry)],
         progress: &[Progress],
     ) -> Result<(), StoreError> {
+        self.write_synced(self.commit_batch(entries, progress))
+    }
+
+    fn commit_batch(&self, entries: &[(DedupKey, Entry)], progress: &[Progress]) -> WriteBatch {
         let dedup = self.cf(CF_DEDUP);
         let prog = self.cf(CF_PROGRESS);
         let mut batch = WriteBatch::default();
@@ -301,10 +309,7 @@ impl DedupStore {
                 p.next.0.to_be_bytes(),
             );
         }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
-        Ok(())
+        batch
     }
 
     /// The next offset recorded for a partition, if any.

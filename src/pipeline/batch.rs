@@ -20,6 +20,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rdkafka::consumer::ConsumerGroupMetadata;
 use tracing::debug_span;
 
 use super::retry::{Backoff, Shutdown};
@@ -30,7 +31,7 @@ use crate::dedup::{DedupKey, DedupStore, Entry, Progress, StoreError};
 use crate::failpoint::{CrashPlan, Crashed};
 use crate::outcome::Outcome;
 use crate::record::{Offset, Partition, Record};
-use crate::sink::{Sink, SinkWrite, WriteOutcome};
+use crate::sink::{Sink, SinkError, SinkWrite, TransactionError, WriteOutcome};
 use crate::telemetry::events::Event as Telemetry;
 use crate::telemetry::{Metrics, Readiness};
 
@@ -42,6 +43,10 @@ pub trait OffsetCommitter {
     /// # Errors
     /// The broker's refusal, as text.
     fn commit(&self, offsets: &[Progress]) -> Result<(), String>;
+
+    /// The consumer group's metadata, for a transactional sink that
+    /// commits the offsets itself.
+    fn group_metadata(&self) -> Option<ConsumerGroupMetadata>;
 }
 
 /// Why a batch did not complete. None of these lose data: the batch is
@@ -55,6 +60,13 @@ pub enum BatchError {
     /// The dedup store failed in a way retrying will not fix.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The sink can do nothing more (a fenced Kafka producer).
+    #[error("sink failed for good: {0}")]
+    SinkFatal(String),
+    /// The sink's transaction aborted and the batch's dedup records were
+    /// taken back; [`BatchProcessor::process`] does the batch again.
+    #[error("sink transaction aborted: {0}")]
+    TransactionAborted(String),
     /// Policy `fail`: a partition has no offset to start from.
     #[error("no starting offset: {0}")]
     NoStartingOffset(String),
@@ -137,6 +149,44 @@ impl BatchProcessor {
         if records.is_empty() {
             return Ok(());
         }
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match self.process_once(records, committer) {
+                // The sink's transaction was aborted: nothing of the batch
+                // took effect and its dedup records were taken back. Its
+                // records are still in hand, and the group's offsets still
+                // point at the first of them: do it again.
+                Err(BatchError::TransactionAborted(why)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        error = %why,
+                        attempt = backoff.attempt(),
+                        "sink transaction aborted; doing the batch again"
+                    );
+                    self.metrics.transactions_aborted.inc();
+                    if self.shutdown.sleep(delay) {
+                        return Err(BatchError::Interrupted);
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, BatchError::Interrupted | BatchError::Store(_)) {
+                        // Leave no transaction open behind us.
+                        if let Some(txn) = self.sink.transactional() {
+                            txn.abort();
+                        }
+                    }
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    fn process_once(
+        &mut self,
+        records: &[Record],
+        committer: &dyn OffsetCommitter,
+    ) -> Result<(), BatchError> {
         let started = Instant::now();
         let progress = next_offsets(records);
         let ranges = describe_ranges(records);
@@ -224,11 +274,16 @@ impl BatchProcessor {
                 _ => None,
             })
             .collect();
-        self.write_store(&entries, &progress)?;
+        let transactional = self.sink.transactional().is_some();
+        self.write_store(&entries, &progress, transactional)?;
         self.crash.check("after-dedup-write")?;
 
-        // Step 7: the commit, last.
-        self.commit_offsets(committer, &progress);
+        // Step 7: the commit, last; by the sink's transaction if it has one.
+        if transactional {
+            self.commit_transaction(committer, &progress)?;
+        } else {
+            self.commit_offsets(committer, &progress);
+        }
 
         for (record, outcome) in records.iter().zip(&outcomes) {
             self.metrics
@@ -350,6 +405,10 @@ impl BatchProcessor {
                     );
                     return Ok(outcomes);
                 }
+                Err(SinkError::Fatal(why)) => {
+                    self.readiness.set_sink_ok(false);
+                    return Err(BatchError::SinkFatal(why));
+                }
                 Err(error) => {
                     self.readiness.set_sink_ok(false);
                     let delay = backoff.next_delay();
@@ -397,10 +456,16 @@ impl BatchProcessor {
         &self,
         entries: &[(DedupKey, Entry)],
         progress: &[Progress],
+        transactional: bool,
     ) -> Result<(), BatchError> {
         let mut backoff = Backoff::new(self.retry);
         loop {
-            match self.store.commit(entries, progress) {
+            let written = if transactional {
+                self.store.commit_in_transaction(entries, progress)
+            } else {
+                self.store.commit(entries, progress)
+            };
+            match written {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_retriable() => self.wait(&mut backoff, &e.to_string())?,
                 Err(e) => return Err(e.into()),
@@ -419,6 +484,48 @@ impl BatchProcessor {
             Err(BatchError::Interrupted)
         } else {
             Ok(())
+        }
+    }
+
+    /// Commits the sink's transaction with the batch's offsets. An abort
+    /// takes the batch's dedup records back before it is done again.
+    fn commit_transaction(
+        &mut self,
+        committer: &dyn OffsetCommitter,
+        progress: &[Progress],
+    ) -> Result<(), BatchError> {
+        let started = Instant::now();
+        let Some(group) = committer.group_metadata() else {
+            return Err(
+                self.take_back("the consumer has no group metadata to commit with".to_string())?
+            );
+        };
+        let txn = self
+            .sink
+            .transactional()
+            .expect("called for transactional sinks only");
+        match txn.commit(progress, &group) {
+            Ok(()) => {
+                self.metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(TransactionError::Aborted(why)) => Err(self.take_back(why)?),
+            // The journal stays; the next start settles it.
+            Err(TransactionError::Fatal(why)) => Err(BatchError::SinkFatal(why)),
+        }
+    }
+
+    /// Removes the dedup records of a batch whose transaction aborted.
+    fn take_back(&self, why: String) -> Result<BatchError, BatchError> {
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match self.store.settle_journal(false) {
+                Ok(()) => return Ok(BatchError::TransactionAborted(why)),
+                Err(e) if e.is_retriable() => self.wait(&mut backoff, &e.to_string())?,
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
 use rdkafka::ClientContext;
@@ -233,6 +235,10 @@ impl OffsetCommitter for BaseConsumer<IdemContext> {
         }
         Consumer::commit(self, &tpl, CommitMode::Sync).map_err(|e| e.to_string())
     }
+
+    fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
+        Consumer::group_metadata(self)
+    }
 }
 
 /// Applies [`start::choose`] to each partition of an assignment.
@@ -366,6 +372,58 @@ fn lookup_config(config: &Config) -> ClientConfig {
     client
 }
 
+/// Settles the dedup store's transaction journal (see
+/// [`crate::dedup::Journal`]) against the group's committed offsets: an
+/// aborted transaction's dedup records are taken back. Call it after the
+/// transactional producer's `init_transactions`, which finishes or aborts
+/// the transaction the journal stands for.
+///
+/// # Errors
+/// The committed offsets cannot be read within `timeout`, or the store
+/// fails.
+pub fn settle_journal(
+    config: &Config,
+    store: &DedupStore,
+    timeout: Duration,
+) -> Result<(), PipelineError> {
+    let Some(journal) = store.journal()? else {
+        return Ok(());
+    };
+    let lookup: BaseConsumer = lookup_config(config).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _) in &journal.partitions {
+        tpl.add_partition(&p.topic, p.partition.0);
+    }
+    // With isolation.level=read_committed (librdkafka's default) the
+    // broker answers only once no transaction holds these offsets open.
+    let committed = lookup.committed_offsets(tpl, timeout)?;
+    let group_offset = |p: &Progress| match committed
+        .find_partition(&p.topic, p.partition.0)
+        .map(|e| e.offset())
+    {
+        Some(KafkaOffset::Offset(o)) => Some(crate::record::Offset(o)),
+        _ => None,
+    };
+    let was_committed = journal.committed(group_offset);
+    store.settle_journal(was_committed)?;
+    let batch = journal
+        .partitions
+        .iter()
+        .map(|(p, _)| format!("{}/{} up to {}", p.topic, p.partition, p.next))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if was_committed {
+        info!(batch, "last transaction committed; its dedup records stay");
+    } else {
+        warn!(
+            batch,
+            "last transaction did not commit; its dedup records were taken back and its \
+             records will be produced again"
+        );
+    }
+    Ok(())
+}
+
 /// Consumes until shutdown.
 pub fn run(
     config: &Config,
@@ -456,6 +514,17 @@ pub fn run(
         Err(BatchError::Store(e)) => {
             error!(error = %e, "dedup store failed; stopping without committing");
             Err(e.into())
+        }
+        Err(BatchError::SinkFatal(why)) => {
+            error!(
+                why,
+                "the sink cannot go on; stopping without committing (a restart settles \
+                 the open transaction)"
+            );
+            Err(PipelineError::Sink(crate::sink::SinkError::Fatal(why)))
+        }
+        Err(BatchError::TransactionAborted(why)) => {
+            unreachable!("aborted transactions are redone inside the batch: {why}")
         }
         Err(BatchError::NoStartingOffset(why)) => {
             error!(why, "refusing to guess where a partition starts");

@@ -25,6 +25,7 @@ use crate::dedup::{DedupStore, StoreError};
 use crate::failpoint::CrashPlan;
 use crate::sink::files::FilesSink;
 use crate::sink::http::HttpSink;
+use crate::sink::kafka::KafkaSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::sqlite::SqliteSink;
 use crate::sink::{Sink, SinkError};
@@ -160,6 +161,9 @@ impl Pipeline {
         let Some(sink) = self.open_sink()? else {
             return Ok(RunEnd::Stopped);
         };
+        if store.journal()?.is_some() && !self.settle_journal(&store)? {
+            return Ok(RunEnd::Stopped);
+        }
         self.readiness.set_sink_ok(true);
         self.metrics.register_sink(sink.name());
         let dead_letters = DeadLetterProducer::new(&self.config)?;
@@ -180,7 +184,7 @@ impl Pipeline {
             "pipeline starting"
         );
         let scan = DedupScan::start(
-            store,
+            Arc::clone(&store),
             Arc::clone(&self.metrics),
             Duration::from_secs(self.config.metrics.dedup_scan_secs),
         );
@@ -193,7 +197,33 @@ impl Pipeline {
         );
         self.readiness.set_assigned(false);
         scan.stop();
+        if matches!(end, Ok(RunEnd::Stopped)) && self.config.sink.is_transactional() {
+            // Leave no journal behind a clean stop, so that a replay that
+            // cannot settle it (no --config) finds none.
+            if let Err(e) = consumer::settle_journal(&self.config, &store, Duration::from_secs(30))
+            {
+                tracing::warn!(error = %e, "cannot settle the last transaction at stop; the next start does");
+            }
+        }
         end
+    }
+
+    /// Settles the transaction journal, retrying while the broker cannot
+    /// answer: nothing may be read before the last transaction's outcome is
+    /// known. `false` when shutdown came first.
+    fn settle_journal(&self, store: &DedupStore) -> Result<bool, PipelineError> {
+        let mut backoff = Backoff::new(self.config.retry);
+        loop {
+            match consumer::settle_journal(&self.config, store, Duration::from_secs(30)) {
+                Err(PipelineError::Kafka(e)) => {
+                    tracing::warn!(error = %e, "cannot read committed offsets to settle the last transaction; retrying");
+                    if self.shutdown.sleep(backoff.next_delay()) {
+                        return Ok(false);
+                    }
+                }
+                other => return other.map(|()| true),
+            }
+        }
     }
 
     /// Opens the sink, waiting out a locked or unreachable one. `None`
@@ -209,6 +239,9 @@ impl Pipeline {
                 SinkConfig::Files(c) => FilesSink::open(c).map(|s| Box::new(s) as Box<dyn Sink>),
                 SinkConfig::Http(c) => {
                     HttpSink::open(c, self.config.retry).map(|s| Box::new(s) as Box<dyn Sink>)
+                }
+                SinkConfig::Kafka(c) => {
+                    KafkaSink::open(&self.config, c).map(|s| Box::new(s) as Box<dyn Sink>)
                 }
             };
             match opened {

@@ -9,12 +9,15 @@
 
 pub mod files;
 pub mod http;
+pub mod kafka;
 pub mod postgres;
 pub mod sqlite;
 pub mod table;
 
+use rdkafka::consumer::ConsumerGroupMetadata;
 use serde_json::Value;
 
+use crate::dedup::Progress;
 use crate::record::{IdemKey, Offset, Partition};
 
 /// One record to apply.
@@ -73,6 +76,10 @@ pub enum SinkError {
     /// wrong schema. Still retried, since the records are not at fault.
     #[error("sink needs attention: {0}")]
     NeedsOperator(String),
+    /// The sink can do nothing more in this process (a fenced Kafka
+    /// producer): idem stops with an error instead of retrying.
+    #[error("sink failed for good: {0}")]
+    Fatal(String),
 }
 
 impl SinkError {
@@ -81,6 +88,7 @@ impl SinkError {
         match self {
             SinkError::Unavailable(_) => "unavailable",
             SinkError::NeedsOperator(_) => "needs-operator",
+            SinkError::Fatal(_) => "fatal",
         }
     }
 }
@@ -97,6 +105,43 @@ pub trait Sink: Send {
     /// A [`SinkError`] when the batch as a whole could not be written; none
     /// of it may be taken as applied, and the caller retries it.
     fn apply(&mut self, batch: &[SinkWrite<'_>]) -> Result<Vec<WriteOutcome>, SinkError>;
+
+    /// A sink whose writes take effect only when committed together with
+    /// the consumed offsets (the Kafka sink) returns itself here. Its
+    /// `apply` then writes into an open transaction, and the batch's
+    /// offsets are committed by [`Transactional::commit`] instead of by
+    /// the consumer.
+    fn transactional(&mut self) -> Option<&mut dyn Transactional> {
+        None
+    }
+}
+
+/// The commit of a transactional sink.
+pub trait Transactional {
+    /// Commits what `apply` wrote since the last commit, together with
+    /// each partition's next offset for the consumer group.
+    ///
+    /// # Errors
+    /// [`TransactionError::Aborted`]: nothing of the transaction took
+    /// effect and the batch must be done again; [`TransactionError::Fatal`]:
+    /// this producer can do nothing more (fenced by another with the same
+    /// transactional id).
+    fn commit(
+        &mut self,
+        offsets: &[Progress],
+        group: &ConsumerGroupMetadata,
+    ) -> Result<(), TransactionError>;
+
+    /// Abandons what `apply` wrote since the last commit, if anything.
+    fn abort(&mut self);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransactionError {
+    #[error("transaction aborted, the batch will be done again: {0}")]
+    Aborted(String),
+    #[error("the transactional producer cannot go on: {0}")]
+    Fatal(String),
 }
 
 /// Applies one record with this key and JSON body, for the sinks' tests.

@@ -88,7 +88,7 @@ impl Event<'_> {
                     SinkError::Unavailable(_) => {
                         warn!(%error, attempt, backoff_ms, "sink write failed; retrying")
                     }
-                    SinkError::NeedsOperator(_) => error!(
+                    SinkError::NeedsOperator(_) | SinkError::Fatal(_) => error!(
                         %error, attempt, backoff_ms,
                         "sink write failed and will not heal by itself; fix the sink, \
                          idem keeps retrying and commits nothing meanwhile"

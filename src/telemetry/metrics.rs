@@ -21,6 +21,7 @@ pub struct Metrics {
     pub dead_letter_failures: IntCounter,
     pub sink_retries: IntCounterVec,
     pub commit_failures: IntCounter,
+    pub transactions_aborted: IntCounter,
     pub batch_records: Histogram,
     pub batch_seconds: Histogram,
     pub sink_write_seconds: Histogram,
@@ -109,6 +110,11 @@ impl Metrics {
                 "idem_offset_commit_failures_total",
                 "Offset commits that failed; the records will be re-read as duplicates.",
             ),
+            transactions_aborted: counter(
+                "idem_sink_transactions_aborted_total",
+                "Kafka sink transactions aborted (timed out, leader moved, a record \
+                 refused); each batch is done again, nothing is lost or doubled.",
+            ),
             batch_records: histogram(
                 "idem_batch_records",
                 "Records per processed batch.",
@@ -126,7 +132,8 @@ impl Metrics {
             ),
             commit_seconds: histogram(
                 "idem_commit_seconds",
-                "Time to commit offsets to Kafka.",
+                "Time to commit offsets to Kafka (with the Kafka sink: the \
+                 transaction commit, offsets included).",
                 latency_buckets(),
             ),
             rebalances: counter_vec(

@@ -258,6 +258,44 @@ pub fn read_all(topic: &str, partitions: i32) -> Vec<OwnedMessage> {
     out
 }
 
+/// Every committed record of a topic, as a downstream reader with
+/// `isolation.level=read_committed` sees it: read from the start until
+/// each partition reports its end (the last stable offset).
+pub fn read_committed(topic: &str, partitions: i32) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", "idem-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut at_end = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at_end.len() < partitions as usize {
+        assert!(
+            Instant::now() < deadline,
+            "could not read {topic} to its end"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
 pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
     m.headers()?
         .iter()
@@ -572,6 +610,14 @@ pub struct Binary {
 
 impl Binary {
     pub fn start(config: &Path, crash_at: Option<&str>) -> Binary {
+        match crash_at {
+            Some(point) => Binary::start_with_env(config, &[("IDEM_CRASH_AT", point)]),
+            None => Binary::start_with_env(config, &[]),
+        }
+    }
+
+    /// Starts idem with these extra environment variables (failpoints).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Binary {
         let text = std::fs::read_to_string(config).unwrap();
         let port: u16 = text
             .lines()
@@ -588,10 +634,10 @@ impl Binary {
             )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        match crash_at {
-            Some(point) => cmd.env("IDEM_CRASH_AT", point),
-            None => cmd.env_remove("IDEM_CRASH_AT"),
-        };
+        cmd.env_remove("IDEM_CRASH_AT").env_remove("IDEM_STALL_AT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         Binary {
             child: cmd.spawn().expect("spawning idem"),
             metrics_port: port,
