@@ -15,19 +15,17 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::ClientContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use crate::config::Config;
 use crate::decode::DeadLetterReason;
+use crate::delivery::{is_too_large, opaque, Deliveries};
 use crate::record::Record;
-use crate::telemetry::logging::route_librdkafka_log;
 
 /// One record on its way to the dead-letter topic.
 #[derive(Debug, Clone, Copy)]
@@ -47,56 +45,15 @@ pub struct DeadLetterError {
     pub undelivered: Vec<usize>,
 }
 
-/// Delivery reports by opaque: the send's generation in the high bits and
-/// the letter's index in the low 32, so that a late report of an earlier
-/// send is never taken for this one's.
-struct DeliveryContext {
-    reports: Mutex<HashMap<usize, Result<(), KafkaError>>>,
-}
-
-const INDEX_BITS: u32 = 32;
-
 /// A letter sent without its value also leaves out a record key and
 /// headers larger than this together.
 const OMIT_KEY_AND_HEADERS_OVER: usize = 256 << 10;
 
-fn opaque(generation: usize, index: usize) -> usize {
-    (generation << INDEX_BITS) | index
-}
-
-impl ClientContext for DeliveryContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        route_librdkafka_log(level, fac, message);
-    }
-}
-
-impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
-        let report = match result {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(e.clone()),
-        };
-        self.reports
-            .lock()
-            .expect("delivery lock poisoned")
-            .insert(opaque, report);
-    }
-}
-
 pub struct DeadLetterProducer {
-    producer: BaseProducer<DeliveryContext>,
+    producer: BaseProducer<Deliveries>,
     topic: String,
     timeout: Duration,
     generation: AtomicUsize,
-}
-
-fn is_too_large(e: &KafkaError) -> bool {
-    matches!(
-        e,
-        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
-    )
 }
 
 impl DeadLetterProducer {
@@ -131,9 +88,7 @@ impl DeadLetterProducer {
                 "topic.metadata.propagation.max.ms",
                 timeout_ms.min(5_000).to_string(),
             );
-        let producer = client.create_with_context(DeliveryContext {
-            reports: Mutex::new(HashMap::new()),
-        })?;
+        let producer = client.create_with_context(Deliveries::default())?;
         Ok(DeadLetterProducer {
             producer,
             topic: config.dead_letter.topic.clone(),
@@ -223,22 +178,10 @@ impl DeadLetterProducer {
         errors: &mut HashMap<usize, String>,
         too_large: &mut Vec<usize>,
     ) -> Vec<usize> {
-        let reports = std::mem::take(
-            &mut *self
-                .producer
-                .context()
-                .reports
-                .lock()
-                .expect("delivery lock poisoned"),
-        );
         let mut delivered = Vec::new();
-        for (op, report) in reports {
-            if op >> INDEX_BITS != generation {
-                continue;
-            }
-            let i = op & ((1 << INDEX_BITS) - 1);
+        for (i, report) in self.producer.context().take(generation) {
             match report {
-                Ok(()) => {
+                Ok(_) => {
                     errors.remove(&i);
                     delivered.push(i);
                 }

@@ -10,9 +10,12 @@
 //! - [`record`]: a consumed record and the newtypes around it.
 //! - [`decode`]: bytes to event: idempotency key, canonical fingerprint, or
 //!   the reason a record can never succeed.
-//! - [`dedup`]: the RocksDB dedup window and per-partition progress.
-//! - [`sink`]: the sink contract and the SQLite sink.
+//! - [`dedup`]: the RocksDB dedup window, per-partition progress, and the
+//!   changelog topic that lets a partition's dedup state follow it.
+//! - [`sink`]: the sink contract and the sinks (SQLite, PostgreSQL, files,
+//!   HTTP, Kafka).
 //! - [`dead_letter`]: the dead-letter topic producer.
+//! - [`delivery`]: delivery reports shared by idem's producers.
 //! - [`pipeline`]: the write path per batch, and the consumer loop.
 //! - [`outcome`]: the outcomes every record is counted in.
 //! - [`telemetry`]: metrics, typed events, `/metrics`, logging.
@@ -24,6 +27,7 @@ pub mod clock;
 pub mod config;
 pub mod dead_letter;
 pub mod decode;
+pub mod delivery;
 pub mod dedup;
 pub mod demo;
 pub mod failpoint;

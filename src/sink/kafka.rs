@@ -33,9 +33,7 @@
 //!   fenced this one) stops idem with an error: it never goes on writing
 //!   outside a transaction it owns.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
@@ -44,14 +42,13 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
-use rdkafka::ClientContext;
 
 use super::{Sink, SinkError, SinkWrite, TransactionError, Transactional, WriteOutcome};
 use crate::config::{Config, KafkaSinkConfig};
 use crate::dedup::Progress;
-use crate::telemetry::logging::route_librdkafka_log;
+use crate::delivery::{is_too_large, opaque, Deliveries};
 
 /// Room left under the topic's `max.message.bytes` for the record batch's
 /// own framing, so that a record librdkafka accepts is one the broker
@@ -61,35 +58,6 @@ const FRAMING_BYTES: usize = 512;
 /// Kafka's default `max.message.bytes`, used when the topic's cannot be
 /// read.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
-
-const INDEX_BITS: u32 = 32;
-
-/// Delivery reports by opaque: the attempt's generation in the high bits
-/// and the record's index in the low 32.
-struct Deliveries {
-    reports: Mutex<HashMap<usize, Result<(), KafkaError>>>,
-}
-
-impl ClientContext for Deliveries {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        route_librdkafka_log(level, fac, message);
-    }
-}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
-        let report = match result {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(e.clone()),
-        };
-        self.reports
-            .lock()
-            .expect("delivery lock poisoned")
-            .insert(opaque, report);
-    }
-}
 
 pub struct KafkaSink {
     producer: BaseProducer<Deliveries>,
@@ -139,9 +107,7 @@ impl KafkaSink {
                     .to_string(),
             );
         let producer: BaseProducer<Deliveries> = client
-            .create_with_context(Deliveries {
-                reports: Mutex::new(HashMap::new()),
-            })
+            .create_with_context(Deliveries::default())
             .map_err(|e| SinkError::NeedsOperator(format!("kafka sink: {e}")))?;
         producer
             .init_transactions(timeout)
@@ -222,7 +188,7 @@ impl KafkaSink {
                     continue;
                 }
             };
-            match self.send(write, &key, (generation << INDEX_BITS) | i) {
+            match self.send(write, &key, opaque(generation, i)) {
                 Ok(()) => sent += 1,
                 Err(e) if is_too_large(&e) => verdicts[i] = Some(too_large()),
                 Err(e) => return Attempt::Failed(Failure::Retry(e.to_string())),
@@ -233,23 +199,12 @@ impl KafkaSink {
                 return Attempt::Failed(Failure::Retry(format!("outputs not acknowledged: {e}")));
             }
         }
-        let reports = std::mem::take(
-            &mut *self
-                .producer
-                .context()
-                .reports
-                .lock()
-                .expect("delivery lock poisoned"),
-        );
         let mut refused = false;
-        for (opaque, report) in reports {
-            if opaque >> INDEX_BITS != generation {
-                continue;
-            }
+        for (i, report) in self.producer.context().take(generation) {
             match report {
-                Ok(()) => {}
+                Ok(_) => {}
                 Err(e) if is_too_large(&e) => {
-                    verdicts[opaque & ((1 << INDEX_BITS) - 1)] = Some(too_large());
+                    verdicts[i] = Some(too_large());
                     refused = true;
                 }
                 Err(e) => return Attempt::Failed(transaction_failure(&e)),
@@ -305,12 +260,7 @@ impl KafkaSink {
             let failure = self.note(transaction_failure(&e));
             tracing::warn!(error = %e, ?failure, "kafka sink: abort failed");
         }
-        self.producer
-            .context()
-            .reports
-            .lock()
-            .expect("delivery lock poisoned")
-            .clear();
+        self.producer.context().clear();
     }
 }
 
@@ -344,13 +294,6 @@ fn transaction_failure(e: &KafkaError) -> Failure {
         KafkaError::Transaction(rd) => Failure::Abort(rd.to_string()),
         other => Failure::Abort(other.to_string()),
     }
-}
-
-fn is_too_large(e: &KafkaError) -> bool {
-    matches!(
-        e,
-        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
-    )
 }
 
 /// The output record's key: the `key_from` field (a string as its text,

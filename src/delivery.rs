@@ -1,0 +1,77 @@
+//! Delivery reports of idem's producers (dead letters, the Kafka sink, the
+//! dedup changelog), matched to what was sent.
+//!
+//! Each send is a generation; a record's opaque holds the generation in
+//! the high bits and the record's index in the low 32, so that a late
+//! report of an earlier send is never taken for this one's.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::ClientContext;
+
+use crate::telemetry::logging::route_librdkafka_log;
+
+const INDEX_BITS: u32 = 32;
+
+/// The opaque of record `index` in send `generation`.
+pub fn opaque(generation: usize, index: usize) -> usize {
+    (generation << INDEX_BITS) | index
+}
+
+/// The producer context: librdkafka's logs into tracing, and the reports.
+#[derive(Default)]
+pub struct Deliveries {
+    /// By opaque: the offset written, or the error.
+    reports: Mutex<HashMap<usize, Result<i64, KafkaError>>>,
+}
+
+impl Deliveries {
+    /// Takes the reports of one generation, by record index; reports of
+    /// other generations are dropped.
+    pub fn take(&self, generation: usize) -> Vec<(usize, Result<i64, KafkaError>)> {
+        let reports = std::mem::take(&mut *self.reports.lock().expect("delivery lock poisoned"));
+        reports
+            .into_iter()
+            .filter(|(op, _)| op >> INDEX_BITS == generation)
+            .map(|(op, r)| (op & ((1 << INDEX_BITS) - 1), r))
+            .collect()
+    }
+
+    /// Drops every report not taken yet.
+    pub fn clear(&self) {
+        self.reports.lock().expect("delivery lock poisoned").clear();
+    }
+}
+
+impl ClientContext for Deliveries {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        route_librdkafka_log(level, fac, message);
+    }
+}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let report = match result {
+            Ok(m) => Ok(m.offset()),
+            Err((e, _)) => Err(e.clone()),
+        };
+        self.reports
+            .lock()
+            .expect("delivery lock poisoned")
+            .insert(opaque, report);
+    }
+}
+
+/// Whether the broker or librdkafka refused a record as too large.
+pub fn is_too_large(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
+    )
+}
