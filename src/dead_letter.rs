@@ -18,13 +18,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use crate::config::Config;
 use crate::decode::DeadLetterReason;
-use crate::delivery::{is_too_large, opaque, Deliveries};
+use crate::delivery::{is_too_large, opaque, send_waiting, Deliveries};
 use crate::record::Record;
 
 /// One record on its way to the dead-letter topic.
@@ -251,16 +251,6 @@ impl DeadLetterProducer {
         if let (Some(value), false) = (r.value.as_deref(), omit_value) {
             record = record.payload(value);
         }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // The local queue is full: let deliveries drain.
-                    record = back;
-                    self.producer.poll(Duration::from_millis(50));
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        send_waiting(&self.producer, record)
     }
 }

@@ -97,6 +97,7 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "group.id",
     "bootstrap.servers",
     "auto.offset.reset",
+    "partition.assignment.strategy",
 ];
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -200,6 +201,23 @@ pub struct DedupConfig {
     /// humantime string ("10s", "36h", "7d").
     #[serde(with = "humantime_serde")]
     pub window: Duration,
+    /// Write every dedup record to a compacted changelog topic, so that a
+    /// partition's dedup state follows it to another instance. Off only
+    /// for a group that will only ever have one instance.
+    #[serde(default = "default_true")]
+    pub changelog: bool,
+    /// How often keys past the window are removed, with a tombstone in the
+    /// changelog, as a humantime string.
+    #[serde(with = "humantime_serde", default = "default_sweep_interval")]
+    pub sweep_interval: Duration,
+}
+
+pub(crate) fn default_true() -> bool {
+    true
+}
+
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(600)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

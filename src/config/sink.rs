@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_identifier, check_pointer, invalid, ConfigError};
+use super::{check_identifier, check_pointer, default_true, invalid, ConfigError};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -194,9 +194,6 @@ pub struct TableConfig {
     pub create: bool,
 }
 
-fn default_true() -> bool {
-    true
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]

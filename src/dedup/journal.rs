@@ -108,6 +108,7 @@ impl DedupStore {
         &self,
         entries: &[(DedupKey, Entry)],
         progress: &[Progress],
+        changelog: &[Progress],
     ) -> Result<(), StoreError> {
         let mut partitions = Vec::with_capacity(progress.len());
         for p in progress {
@@ -117,7 +118,7 @@ impl DedupStore {
             partitions,
             keys: entries.iter().map(|(k, _)| k.clone()).collect(),
         };
-        let mut batch = self.commit_batch(entries, progress);
+        let mut batch = self.commit_batch(entries, progress, changelog);
         batch.put_cf(&self.cf(CF_PROGRESS), JOURNAL_KEY, journal.encode());
         self.write_synced(batch)
     }
@@ -222,9 +223,9 @@ mod tests {
         )
         .unwrap();
         let key = DedupKey::new("t", Partition(0), &IdemKey("k".into()));
-        store.commit(&[], &[progress(5)]).unwrap();
+        store.commit(&[], &[progress(5)], &[]).unwrap();
         store
-            .commit_in_transaction(&[(key.clone(), entry())], &[progress(6)])
+            .commit_in_transaction(&[(key.clone(), entry())], &[progress(6)], &[])
             .unwrap();
         assert!(store.lookup(&[&key]).unwrap()[0].is_some());
         let journal = store.journal().unwrap().expect("journal written");
@@ -249,7 +250,7 @@ mod tests {
         .unwrap();
         let key = DedupKey::new("t", Partition(0), &IdemKey("k".into()));
         store
-            .commit_in_transaction(&[(key.clone(), entry())], &[progress(1)])
+            .commit_in_transaction(&[(key.clone(), entry())], &[progress(1)], &[])
             .unwrap();
         store.settle_journal(true).unwrap();
         assert!(store.lookup(&[&key]).unwrap()[0].is_some());

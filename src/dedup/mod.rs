@@ -6,17 +6,16 @@
 //!   partition's state can move with it when the group rebalances.
 //! - `progress`: key = topic, 0x00, partition; value = the next offset to
 //!   read (8 bytes big-endian), written in the same synced batch as the
-//!   dedup records it covers.
+//!   dedup records it covers; also the transaction journal (see
+//!   [`journal`]).
+//! - `changelog`: key = topic, 0x00, partition; value = the next offset of
+//!   the partition's changelog that this store holds (see [`changelog`]).
 //!
 //! The window is fixed from first sight: a duplicate does not extend it.
 //! Whether a key has expired is decided at look-up from the time stored
 //! with it and the injected clock, never from whether RocksDB has
 //! compacted; the compaction filter only reclaims the space of keys that
 //! look-ups already treat as gone.
-
-mod journal;
-
-pub use journal::Journal;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,8 +31,15 @@ use crate::clock::Clock;
 use crate::decode::Fingerprint;
 use crate::record::{IdemKey, Offset, Partition};
 
+pub mod changelog;
+mod journal;
+
+pub use changelog::{Changelog, ChangelogError, ChangelogRecord};
+pub use journal::Journal;
+
 const CF_DEDUP: &str = "dedup";
 const CF_PROGRESS: &str = "progress";
+const CF_CHANGELOG: &str = "changelog";
 const ENTRY_FORMAT: u8 = 1;
 /// In the progress column family; no topic name starts with 0xFF.
 const REBUILD_KEY: &[u8] = b"\xffrebuild-since";
@@ -202,6 +208,7 @@ impl DedupStore {
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_DEDUP, dedup_opts),
             ColumnFamilyDescriptor::new(CF_PROGRESS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CHANGELOG, Options::default()),
         ];
         let db =
             DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|source| StoreError::Open {
@@ -291,23 +298,33 @@ impl DedupStore {
         &self,
         entries: &[(DedupKey, Entry)],
         progress: &[Progress],
+        changelog: &[Progress],
     ) -> Result<(), StoreError> {
-        self.write_synced(self.commit_batch(entries, progress))
+        self.write_synced(self.commit_batch(entries, progress, changelog))
     }
 
-    fn commit_batch(&self, entries: &[(DedupKey, Entry)], progress: &[Progress]) -> WriteBatch {
+    /// The write of one batch: its entries, each partition's next offset,
+    /// and how far each partition's changelog is known here.
+    fn commit_batch(
+        &self,
+        entries: &[(DedupKey, Entry)],
+        progress: &[Progress],
+        changelog: &[Progress],
+    ) -> WriteBatch {
         let dedup = self.cf(CF_DEDUP);
-        let prog = self.cf(CF_PROGRESS);
         let mut batch = WriteBatch::default();
         for (key, entry) in entries {
             batch.put_cf(&dedup, &key.0, entry.encode());
         }
-        for p in progress {
-            batch.put_cf(
-                &prog,
-                partition_prefix(&p.topic, p.partition),
-                p.next.0.to_be_bytes(),
-            );
+        for (cf, offsets) in [(CF_PROGRESS, progress), (CF_CHANGELOG, changelog)] {
+            let cf = self.cf(cf);
+            for p in offsets {
+                batch.put_cf(
+                    &cf,
+                    partition_prefix(&p.topic, p.partition),
+                    p.next.0.to_be_bytes(),
+                );
+            }
         }
         batch
     }
@@ -505,7 +522,7 @@ mod tests {
         let k = IdemKey("K9".into());
         let p0 = DedupKey::new("t", Partition(0), &k);
         let p1 = DedupKey::new("t", Partition(1), &k);
-        store.commit(&[(p0.clone(), entry(1, 0, 0))], &[]).unwrap();
+        store.commit(&[(p0.clone(), entry(1, 0, 0))], &[], &[]).unwrap();
         let found = store.lookup(&[&p0, &p1]).unwrap();
         assert!(found[0].is_some());
         assert!(found[1].is_none());
@@ -624,7 +641,7 @@ mod tests {
             partition: Partition(0),
             next: Offset(3),
         };
-        store.commit(&[], &[p]).unwrap();
+        store.commit(&[], &[p], &[]).unwrap();
         assert_eq!(store.progress("t", Partition(0)).unwrap(), Some(Offset(3)));
     }
 }

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::ConsumerGroupMetadata;
 use tracing::debug_span;
@@ -27,7 +27,7 @@ use super::retry::{Backoff, Shutdown};
 use crate::config::{Config, KeySource, LimitsConfig, RetryConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterProducer};
 use crate::decode::{decode, DeadLetterReason, Decoded, Event, Fingerprint};
-use crate::dedup::{DedupKey, DedupStore, Entry, Progress, StoreError};
+use crate::dedup::{Changelog, ChangelogRecord, DedupKey, DedupStore, Entry, Progress, StoreError};
 use crate::failpoint::{CrashPlan, Crashed};
 use crate::outcome::Outcome;
 use crate::record::{Offset, Partition, Record};
@@ -96,6 +96,11 @@ pub struct BatchProcessor {
     store: Arc<DedupStore>,
     sink: Box<dyn Sink>,
     dead_letters: DeadLetterProducer,
+    /// The dedup changelog, unless `dedup.changelog = false`.
+    changelog: Option<Changelog>,
+    /// Changelog positions learnt from a transaction's commit, written
+    /// with the next batch's dedup records.
+    changelog_positions: Vec<Progress>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     crash: Arc<CrashPlan>,
@@ -109,6 +114,7 @@ impl BatchProcessor {
         store: Arc<DedupStore>,
         sink: Box<dyn Sink>,
         dead_letters: DeadLetterProducer,
+        changelog: Option<Changelog>,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
         crash: Arc<CrashPlan>,
@@ -125,6 +131,8 @@ impl BatchProcessor {
             store,
             sink,
             dead_letters,
+            changelog,
+            changelog_positions: Vec::new(),
             metrics,
             readiness,
             crash,
@@ -274,13 +282,23 @@ impl BatchProcessor {
                 _ => None,
             })
             .collect();
+        // The changelog: acknowledged before the commit; with a
+        // transactional sink, written inside its transaction (step 7).
+        let changelog = match &self.changelog {
+            Some(c) => c.records(entries.iter().map(|(k, e)| (k, Some(*e)))),
+            None => Vec::new(),
+        };
         let transactional = self.sink.transactional().is_some();
-        self.write_store(&entries, &progress, transactional)?;
+        let mut positions = std::mem::take(&mut self.changelog_positions);
+        if !transactional {
+            positions.extend(self.send_changelog(&changelog)?);
+        }
+        self.write_store(&entries, &progress, &positions, transactional)?;
         self.crash.check("after-dedup-write")?;
 
         // Step 7: the commit, last; by the sink's transaction if it has one.
         if transactional {
-            self.commit_transaction(committer, &progress)?;
+            self.changelog_positions = self.commit_transaction(committer, &progress, &changelog)?;
         } else {
             self.commit_offsets(committer, &progress);
         }
@@ -456,14 +474,16 @@ impl BatchProcessor {
         &self,
         entries: &[(DedupKey, Entry)],
         progress: &[Progress],
+        changelog: &[Progress],
         transactional: bool,
     ) -> Result<(), BatchError> {
         let mut backoff = Backoff::new(self.retry);
         loop {
             let written = if transactional {
-                self.store.commit_in_transaction(entries, progress)
+                self.store
+                    .commit_in_transaction(entries, progress, changelog)
             } else {
-                self.store.commit(entries, progress)
+                self.store.commit(entries, progress, changelog)
             };
             match written {
                 Ok(()) => return Ok(()),
@@ -493,7 +513,8 @@ impl BatchProcessor {
         &mut self,
         committer: &dyn OffsetCommitter,
         progress: &[Progress],
-    ) -> Result<(), BatchError> {
+        changelog: &[ChangelogRecord],
+    ) -> Result<Vec<Progress>, BatchError> {
         let started = Instant::now();
         let Some(group) = committer.group_metadata() else {
             return Err(
@@ -504,17 +525,135 @@ impl BatchProcessor {
             .sink
             .transactional()
             .expect("called for transactional sinks only");
-        match txn.commit(progress, &group) {
-            Ok(()) => {
+        match txn.commit(progress, &group, changelog) {
+            Ok(positions) => {
                 self.metrics
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
-                Ok(())
+                Ok(positions)
             }
             Err(TransactionError::Aborted(why)) => Err(self.take_back(why)?),
             // The journal stays; the next start settles it.
             Err(TransactionError::Fatal(why)) => Err(BatchError::SinkFatal(why)),
         }
+    }
+
+    /// Sends changelog records until all are acknowledged; returns the
+    /// changelog positions after them.
+    fn send_changelog(&self, records: &[ChangelogRecord]) -> Result<Vec<Progress>, BatchError> {
+        let Some(changelog) = &self.changelog else {
+            return Ok(Vec::new());
+        };
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match changelog.send(records) {
+                Ok(positions) => return Ok(positions),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        error = %e,
+                        attempt = backoff.attempt(),
+                        "dedup changelog write failed; retrying, nothing is committed meanwhile"
+                    );
+                    self.metrics.changelog_failures.inc();
+                    if self.shutdown.sleep(delay) {
+                        return Err(BatchError::Interrupted);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads a newly assigned partition's changelog into the store, as far
+    /// as the store lacks it, before any of its records is processed;
+    /// retried until it succeeds, since processing without it could miss
+    /// duplicates.
+    ///
+    /// # Errors
+    /// [`BatchError::Interrupted`] when shutdown came first; a store error.
+    pub fn restore(&self, topic: &str, partition: Partition) -> Result<(), BatchError> {
+        let Some(changelog) = &self.changelog else {
+            return Ok(());
+        };
+        let labels = [topic, &partition.to_string()];
+        let gauge = self.metrics.restore_remaining.with_label_values(&labels);
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        let mut backoff = Backoff::new(self.retry);
+        self.readiness.restoring(1);
+        let result = loop {
+            let mut report = |read: u64, remaining: u64| {
+                gauge.set(remaining as i64);
+                if last_log.elapsed() >= Duration::from_secs(5) {
+                    let secs = started.elapsed().as_secs_f64().max(0.001);
+                    tracing::info!(
+                        topic,
+                        partition = partition.0,
+                        read,
+                        remaining,
+                        rate = (read as f64 / secs) as u64,
+                        "restoring dedup state from the changelog"
+                    );
+                    last_log = Instant::now();
+                }
+            };
+            match changelog.restore(&self.store, topic, partition, &mut report) {
+                Ok(read) => {
+                    self.metrics.restored.inc_by(read);
+                    if read > 0 {
+                        tracing::info!(
+                            topic,
+                            partition = partition.0,
+                            read,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "dedup state restored from the changelog"
+                        );
+                    }
+                    break Ok(());
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, topic, partition = partition.0, "dedup restore failed; retrying");
+                    if self.shutdown.sleep(delay) {
+                        break Err(BatchError::Interrupted);
+                    }
+                }
+            }
+        };
+        gauge.set(0);
+        self.readiness.restoring(-1);
+        result
+    }
+
+    /// Removes the keys past the window from these partitions, with a
+    /// tombstone in the changelog for each, so that the changelog does not
+    /// grow for ever. Without a changelog, RocksDB's compaction filter
+    /// does this alone.
+    ///
+    /// # Errors
+    /// [`BatchError::Interrupted`] when shutdown came first; a store error.
+    pub fn sweep(&self, partitions: &[(String, Partition)]) -> Result<(), BatchError> {
+        let Some(changelog) = &self.changelog else {
+            return Ok(());
+        };
+        for (topic, partition) in partitions {
+            let expired = self.store.expired_keys(topic, *partition)?;
+            if expired.is_empty() {
+                continue;
+            }
+            for chunk in expired.chunks(10_000) {
+                let tombstones = changelog.records(chunk.iter().map(|k| (k, None)));
+                self.send_changelog(&tombstones)?;
+                self.store.remove(chunk)?;
+            }
+            tracing::info!(
+                topic,
+                partition = partition.0,
+                keys = expired.len(),
+                "expired dedup keys removed, with changelog tombstones"
+            );
+        }
+        Ok(())
     }
 
     /// Removes the dedup records of a batch whose transaction aborted.

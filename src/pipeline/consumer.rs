@@ -6,6 +6,7 @@
 //! the rebalance callback. librdkafka runs the callback inside `poll()` on
 //! the loop's own thread, so the loop never holds the mutex while it polls.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,9 @@ struct Engine {
     /// durable in the dedup store, and is committed to the group as soon as
     /// the loop is out of the rebalance callback.
     start_commits: Vec<Progress>,
+    /// The partitions this instance owns now.
+    assigned: BTreeSet<(String, Partition)>,
+    last_sweep: Instant,
 }
 
 impl Engine {
@@ -191,6 +195,9 @@ impl ConsumerContext for IdemContext {
                     .metrics
                     .consumer_lag
                     .remove_label_values(&[e.topic(), &e.partition().to_string()]);
+                engine
+                    .assigned
+                    .remove(&(e.topic().to_string(), Partition(e.partition())));
             }
             Telemetry::PartitionsRevoked {
                 partitions: &describe(tpl),
@@ -202,6 +209,16 @@ impl ConsumerContext for IdemContext {
             // Set where each new partition starts before librdkafka assigns
             // it; the list handed to us is the one it assigns.
             let mut engine = self.engine();
+            // A partition's dedup state first: what this store lacks of
+            // its changelog is read in before any of its records.
+            for e in tpl.elements() {
+                let partition = Partition(e.partition());
+                if let Err(error) = engine.processor.restore(e.topic(), partition) {
+                    engine.failed = Some(error);
+                    return;
+                }
+                engine.assigned.insert((e.topic().to_string(), partition));
+            }
             let store = engine.processor.store();
             match set_start_offsets(&self.lookup, tpl, store, self.offset_reset) {
                 Ok(from_store) => engine.start_commits.extend(from_store),
@@ -354,7 +371,10 @@ pub fn client_config(config: &Config) -> ClientConfig {
             config.kafka.session_timeout_ms.to_string(),
         )
         .set("statistics.interval.ms", "5000")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // Incremental rebalances: partitions that stay keep going while
+        // others move.
+        .set("partition.assignment.strategy", "cooperative-sticky");
     client
 }
 
@@ -440,6 +460,8 @@ pub fn run(
         failed: None,
         dead: false,
         start_commits: Vec::new(),
+        assigned: BTreeSet::new(),
+        last_sweep: Instant::now(),
     }));
     let context = IdemContext {
         engine: Arc::clone(&engine),
@@ -492,6 +514,15 @@ pub fn run(
         let mut engine = lock();
         if engine.is_due(&config.batch) {
             if let Err(e) = engine.flush(&consumer) {
+                break Err(e);
+            }
+        }
+        if engine.last_sweep.elapsed() >= config.dedup.sweep_interval {
+            // Between batches: nothing of the swept partitions is in
+            // flight.
+            engine.last_sweep = Instant::now();
+            let partitions: Vec<_> = engine.assigned.iter().cloned().collect();
+            if let Err(e) = engine.processor.sweep(&partitions) {
                 break Err(e);
             }
         }

@@ -21,7 +21,7 @@ use tracing::info;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, SinkConfig};
 use crate::dead_letter::DeadLetterProducer;
-use crate::dedup::{DedupStore, StoreError};
+use crate::dedup::{Changelog, ChangelogError, DedupStore, StoreError};
 use crate::failpoint::CrashPlan;
 use crate::sink::files::FilesSink;
 use crate::sink::http::HttpSink;
@@ -44,6 +44,8 @@ pub enum PipelineError {
     Kafka(#[from] KafkaError),
     #[error("no starting offset: {0}")]
     NoStartingOffset(String),
+    #[error(transparent)]
+    Changelog(#[from] ChangelogError),
 }
 
 /// How a run ended without an error.
@@ -167,11 +169,20 @@ impl Pipeline {
         self.readiness.set_sink_ok(true);
         self.metrics.register_sink(sink.name());
         let dead_letters = DeadLetterProducer::new(&self.config)?;
+        let changelog = if self.config.dedup.changelog {
+            match self.open_changelog()? {
+                Some(c) => Some(c),
+                None => return Ok(RunEnd::Stopped),
+            }
+        } else {
+            None
+        };
         let processor = BatchProcessor::new(
             &self.config,
             Arc::clone(&store),
             sink,
             dead_letters,
+            changelog,
             Arc::clone(&self.metrics),
             Arc::clone(&self.readiness),
             Arc::clone(&self.crash),
@@ -222,6 +233,24 @@ impl Pipeline {
                     }
                 }
                 other => return other.map(|()| true),
+            }
+        }
+    }
+
+    /// Creates or checks the changelog topics, waiting out an unreachable
+    /// broker or a missing input topic. `None` when shutdown came first.
+    fn open_changelog(&self) -> Result<Option<Changelog>, PipelineError> {
+        let mut backoff = Backoff::new(self.config.retry);
+        loop {
+            match Changelog::open(&self.config) {
+                Ok(c) => return Ok(Some(c)),
+                Err(e @ ChangelogError::Unavailable(_)) => {
+                    tracing::warn!(error = %e, "cannot set up the dedup changelog yet; retrying");
+                    if self.shutdown.sleep(backoff.next_delay()) {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }

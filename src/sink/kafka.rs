@@ -40,15 +40,16 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
 
 use super::{Sink, SinkError, SinkWrite, TransactionError, Transactional, WriteOutcome};
 use crate::config::{Config, KafkaSinkConfig};
-use crate::dedup::Progress;
-use crate::delivery::{is_too_large, opaque, Deliveries};
+use crate::dedup::changelog::{block_on_timeout, positions};
+use crate::dedup::{ChangelogRecord, Progress};
+use crate::delivery::{is_too_large, opaque, send_waiting, Deliveries};
 
 /// Room left under the topic's `max.message.bytes` for the record batch's
 /// own framing, so that a record librdkafka accepts is one the broker
@@ -232,21 +233,12 @@ impl KafkaSink {
                 value: Some(value),
             });
         }
-        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+        let record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(&self.topic, opaque)
                 .key(key)
                 .payload(write.raw)
                 .headers(headers);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    self.producer.poll(Duration::from_millis(50));
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        send_waiting(&self.producer, record)
     }
 
     fn abort_open(&mut self) {
@@ -336,11 +328,12 @@ fn topic_max_message_bytes(config: &Config, topic: &str) -> Result<usize, SinkEr
         )));
     }
     let options = AdminOptions::new().request_timeout(Some(timeout));
-    let described = futures::executor::block_on(
+    let described = block_on_timeout(
         admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options),
+        timeout,
     );
     let limit = described
-        .ok()
+        .and_then(Result::ok)
         .and_then(|mut results| results.pop())
         .and_then(Result::ok)
         .and_then(|resource| {
@@ -404,7 +397,8 @@ impl Transactional for KafkaSink {
         &mut self,
         offsets: &[Progress],
         group: &ConsumerGroupMetadata,
-    ) -> Result<(), TransactionError> {
+        changelog: &[ChangelogRecord],
+    ) -> Result<Vec<Progress>, TransactionError> {
         let fail = |sink: &mut KafkaSink, failure: Failure| -> TransactionError {
             match sink.note(failure) {
                 Failure::Fatal(why) => TransactionError::Fatal(why),
@@ -416,6 +410,20 @@ impl Transactional for KafkaSink {
         };
         if let Err(failure) = self.begin() {
             return Err(fail(self, failure));
+        }
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        for (i, r) in changelog.iter().enumerate() {
+            let value = r.value();
+            let mut record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(&r.topic, opaque(generation, i))
+                    .key(&r.key[..])
+                    .partition(r.partition.0);
+            if let Some(value) = &value {
+                record = record.payload(&value[..]);
+            }
+            if let Err(e) = send_waiting(&self.producer, record) {
+                return Err(fail(self, Failure::Abort(format!("dedup changelog: {e}"))));
+            }
         }
         let mut tpl = TopicPartitionList::with_capacity(offsets.len());
         for p in offsets {
@@ -440,7 +448,9 @@ impl Transactional for KafkaSink {
             match self.producer.commit_transaction(self.timeout) {
                 Ok(()) => {
                     self.open = false;
-                    return Ok(());
+                    // Committed: every changelog record was delivered.
+                    let reports = self.producer.context().take(generation);
+                    return Ok(positions(changelog, reports).unwrap_or_default());
                 }
                 Err(e) => match transaction_failure(&e) {
                     Failure::Retry(why) if tries < 5 => {

@@ -17,7 +17,7 @@ pub mod table;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use serde_json::Value;
 
-use crate::dedup::Progress;
+use crate::dedup::{ChangelogRecord, Progress};
 use crate::record::{IdemKey, Offset, Partition};
 
 /// One record to apply.
@@ -126,11 +126,15 @@ pub trait Transactional {
     /// effect and the batch must be done again; [`TransactionError::Fatal`]:
     /// this producer can do nothing more (fenced by another with the same
     /// transactional id).
+    /// `changelog` holds the batch's dedup changelog records, written in
+    /// the same transaction; the changelog positions after them are
+    /// returned.
     fn commit(
         &mut self,
         offsets: &[Progress],
         group: &ConsumerGroupMetadata,
-    ) -> Result<(), TransactionError>;
+        changelog: &[ChangelogRecord],
+    ) -> Result<Vec<Progress>, TransactionError>;
 
     /// Abandons what `apply` wrote since the last commit, if anything.
     fn abort(&mut self);

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub sink_retries: IntCounterVec,
     pub commit_failures: IntCounter,
     pub transactions_aborted: IntCounter,
+    pub changelog_failures: IntCounter,
+    pub restored: IntCounter,
+    pub restore_remaining: IntGaugeVec,
     pub batch_records: Histogram,
     pub batch_seconds: Histogram,
     pub sink_write_seconds: Histogram,
@@ -114,6 +117,19 @@ impl Metrics {
                 "idem_sink_transactions_aborted_total",
                 "Kafka sink transactions aborted (timed out, leader moved, a record \
                  refused); each batch is done again, nothing is lost or doubled.",
+            ),
+            changelog_failures: counter(
+                "idem_dedup_changelog_failures_total",
+                "Failed writes to the dedup changelog topic; retried, the offset waits.",
+            ),
+            restored: counter(
+                "idem_dedup_restored_records_total",
+                "Changelog records read into the dedup store when partitions were assigned.",
+            ),
+            restore_remaining: gauge_vec(
+                "idem_dedup_restore_remaining_records",
+                "Changelog records left to read before a newly assigned partition is processed.",
+                &["topic", "partition"],
             ),
             batch_records: histogram(
                 "idem_batch_records",
