@@ -77,10 +77,7 @@ pub fn send_waiting<C: rdkafka::producer::ProducerContext>(
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
-            Err((
-                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                back,
-            )) => {
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
                 producer.poll(Duration::from_millis(50));
             }

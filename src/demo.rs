@@ -211,11 +211,7 @@ pub fn run(json: bool) -> anyhow::Result<Summary> {
     cluster.create_topic(DEAD_LETTER_TOPIC, 1, 1)?;
     // The mock cluster makes a topic up when asked about one it lacks, so
     // the dedup changelog is created here, as idem would create it.
-    cluster.create_topic(
-        &crate::dedup::changelog::topic_name(GROUP, TOPIC),
-        2,
-        1,
-    )?;
+    cluster.create_topic(&crate::dedup::changelog::topic_name(GROUP, TOPIC), 2, 1)?;
     let bootstrap = cluster.bootstrap_servers();
 
     let (events, expected) = stream();

@@ -194,7 +194,6 @@ pub struct TableConfig {
     pub create: bool,
 }
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SinkMode {

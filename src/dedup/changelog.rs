@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
+use rdkafka::ClientContext;
 use rocksdb::{IteratorMode, WriteBatch};
 
 use super::{
@@ -38,6 +39,7 @@ use super::{
 use crate::config::Config;
 use crate::delivery::{opaque, send_waiting, Deliveries};
 use crate::record::{Offset, Partition};
+use crate::telemetry::logging::route_librdkafka_log;
 
 /// One changelog record: a dedup entry, or a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +210,7 @@ impl Changelog {
             return Ok(0);
         };
         let unavailable = |e: KafkaError| ChangelogError::Unavailable(e.to_string());
-        let consumer: BaseConsumer = self
+        let consumer: BaseConsumer<RestoreContext> = self
             .client
             .clone()
             .set("group.id", format!("{topic}.restore"))
@@ -216,7 +218,7 @@ impl Changelog {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
-            .create()
+            .create_with_context(RestoreContext)
             .map_err(unavailable)?;
         let (low, high) = consumer
             .fetch_watermarks(topic, partition.0, self.timeout)
@@ -278,6 +280,25 @@ impl Changelog {
         Ok(read)
     }
 }
+
+/// The restore consumer's context: librdkafka's logs into tracing, and
+/// the end of a partition (how a restore knows it is done) not reported
+/// as an error.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        route_librdkafka_log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(target: "librdkafka", %error, reason, "restore consumer error");
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
 
 /// The next changelog offset per input partition, from the delivery
 /// reports of `records`.
@@ -536,7 +557,9 @@ mod tests {
         let mut got = positions(&records, vec![(0, Ok(7)), (1, Ok(9)), (2, Ok(3))]).unwrap();
         got.sort_by_key(|p| p.partition);
         assert_eq!(
-            got.iter().map(|p| (p.partition.0, p.next.0)).collect::<Vec<_>>(),
+            got.iter()
+                .map(|p| (p.partition.0, p.next.0))
+                .collect::<Vec<_>>(),
             vec![(0, 10), (1, 4)]
         );
         let missing = positions(&records, vec![(0, Ok(7)), (2, Ok(3))]).unwrap_err();

@@ -522,7 +522,9 @@ mod tests {
         let k = IdemKey("K9".into());
         let p0 = DedupKey::new("t", Partition(0), &k);
         let p1 = DedupKey::new("t", Partition(1), &k);
-        store.commit(&[(p0.clone(), entry(1, 0, 0))], &[], &[]).unwrap();
+        store
+            .commit(&[(p0.clone(), entry(1, 0, 0))], &[], &[])
+            .unwrap();
         let found = store.lookup(&[&p0, &p1]).unwrap();
         assert!(found[0].is_some());
         assert!(found[1].is_none());

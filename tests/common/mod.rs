@@ -5,6 +5,8 @@
 //! topics and group, with names no other test uses.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -344,14 +346,28 @@ impl Fixture {
         Fixture::build(name, &[], create_dead_letter)
     }
 
+    /// Like [`Fixture::new`], with this many input partitions.
+    pub fn with_partitions(name: &str, partitions: i32) -> Fixture {
+        Fixture::build_with(name, &[], true, partitions)
+    }
+
     fn build(name: &str, configs: &[(&str, &str)], create_dead_letter: bool) -> Fixture {
+        Fixture::build_with(name, configs, create_dead_letter, 2)
+    }
+
+    fn build_with(
+        name: &str,
+        configs: &[(&str, &str)],
+        create_dead_letter: bool,
+        partitions: i32,
+    ) -> Fixture {
         let topic = unique(&format!("orders.v1-{name}"));
         let f = Fixture {
             dir: tempfile::tempdir().unwrap(),
             dead_letter_topic: format!("{topic}.dlq"),
             group: unique(&format!("idem-test-{name}")),
             topic,
-            partitions: 2,
+            partitions,
         };
         create_topic_with(&f.topic, f.partitions, configs);
         if create_dead_letter {
@@ -434,6 +450,27 @@ level = "info"
             dlq = self.dead_letter_topic,
             port = free_port(),
         )
+    }
+
+    /// Config text for another instance of the group: its own dedup
+    /// store (`dedup-<name>`) and metrics port.
+    pub fn instance_text(&self, text: &str, name: &str) -> String {
+        let mut text = text.replace(
+            &self.dedup_path().display().to_string(),
+            &self
+                .dir
+                .path()
+                .join(format!("dedup-{name}"))
+                .display()
+                .to_string(),
+        );
+        let listen = text
+            .lines()
+            .find(|l| l.starts_with("listen = "))
+            .expect("config has metrics.listen")
+            .to_string();
+        text = text.replace(&listen, &format!("listen = \"127.0.0.1:{}\"", free_port()));
+        text
     }
 
     /// Writes config text next to the fixture's files.
