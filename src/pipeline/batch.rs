@@ -7,8 +7,15 @@
 //! 4. apply the new records to the sink and wait until durable (I2: the
 //!    sink comes before the dedup record that stands for it);
 //! 5. dead-letter what can never succeed and wait for the acks;
-//! 6. write dedup records and partition progress to RocksDB, synced;
+//! 6. write dedup records to the changelog topic (acknowledged), then
+//!    with partition progress to RocksDB, synced;
 //! 7. commit offset last + 1 of each partition to Kafka (I1: last).
+//!
+//! With a transactional sink (Kafka), step 4 writes into an open
+//! transaction, the changelog records join it, step 6 also writes a
+//! journal of the batch, and step 7 commits the transaction with the
+//! offsets in it; an abort takes the batch's dedup records back and does
+//! the batch again.
 //!
 //! Transient failures in steps 2, 4, 5 and 6 are retried with backoff for
 //! as long as it takes; nothing is dead-lettered for them (I6). A crash at
