@@ -104,7 +104,12 @@ pub fn group_client(
     group: &str,
 ) -> Result<BaseConsumer, KafkaError> {
     let mut client = ClientConfig::new();
-    for (k, v) in properties {
+    // This client never joins the group, so the poll interval (which
+    // librdkafka checks against the session timeout) does not apply.
+    for (k, v) in properties
+        .iter()
+        .filter(|(k, _)| *k != "max.poll.interval.ms")
+    {
         client.set(k, v);
     }
     client

@@ -189,6 +189,51 @@ fn c11_sqlite_locked_by_another_process() {
     }
 }
 
+/// Backpressure: a sink locked for longer than `max.poll.interval.ms`
+/// pauses consumption while idem keeps polling, so the consumer stays in
+/// its group (no revoke, no rebalance) and commits nothing; once the lock
+/// is gone the batch goes through.
+#[test]
+fn a_sink_down_longer_than_max_poll_interval_keeps_the_member() {
+    let f = Fixture::new("backpressure");
+    let text = f.config_text(Mode::Upsert, "7d", "").replace(
+        "session_timeout_ms = 6000",
+        "session_timeout_ms = 6000\nproperties = { \"max.poll.interval.ms\" = \"7000\" }",
+    );
+    let config = f.dir.path().join("idem.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut bin = Binary::start(&config, None);
+    wait_for(Duration::from_secs(60), "the assignment", || {
+        bin.metric("idem_assigned_partitions", None) == Some(2) && f.sink_path().exists()
+    });
+    let revokes = || {
+        bin.metric("idem_rebalances_total", Some("kind=\"revoke\""))
+            .unwrap_or(0)
+    };
+    assert_eq!(revokes(), 0);
+
+    let locker = Locker::hold(&f.sink_path(), 20);
+    produce(
+        &f.topic,
+        &(0..50)
+            .map(|n| Rec::order(n % 2, &format!("K{n}"), &format!("ord-{n}"), 1, 1))
+            .collect::<Vec<_>>(),
+    );
+    wait_for(Duration::from_secs(30), "sink retries", || {
+        bin.metric("idem_sink_retries_total", None).unwrap_or(0) >= 3
+    });
+    locker.wait();
+    f.wait_committed(&[25, 25]);
+    assert_eq!(row_count(&f), 50);
+    assert_eq!(
+        revokes(),
+        0,
+        "the member stayed in its group through a 20 s outage with max.poll.interval.ms = 7 s"
+    );
+    assert_eq!(bin.metric("idem_assigned_partitions", None), Some(2));
+    assert!(bin.stop().success());
+}
+
 /// The acceptance run of the core: a stream with duplicates, conflicts,
 /// stale versions and poison, and idem killed with SIGKILL several times
 /// during the run, ends with exactly the expected rows in both sink modes

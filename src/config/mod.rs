@@ -524,6 +524,19 @@ impl Config {
                 ));
             }
         }
+        if let Some(v) = self.kafka.properties.get("max.poll.interval.ms") {
+            if v.parse::<u64>()
+                .is_ok_and(|ms| ms < self.kafka.session_timeout_ms)
+            {
+                return Err(invalid(
+                    "kafka.properties.max.poll.interval.ms",
+                    format!(
+                        "must be at least kafka.session_timeout_ms ({})",
+                        self.kafka.session_timeout_ms
+                    ),
+                ));
+            }
+        }
         // librdkafka checks names and values without connecting anywhere.
         let mut client = rdkafka::ClientConfig::new();
         for (k, v) in &self.kafka.properties {

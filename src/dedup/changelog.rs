@@ -92,6 +92,7 @@ pub struct Changelog {
     /// Input topic -> changelog topic.
     topics: HashMap<String, String>,
     client: ClientConfig,
+    session_timeout_ms: u64,
     timeout: Duration,
     generation: AtomicUsize,
 }
@@ -135,6 +136,7 @@ impl Changelog {
             producer,
             topics,
             client,
+            session_timeout_ms: config.kafka.session_timeout_ms,
             timeout,
             generation: AtomicUsize::new(0),
         })
@@ -218,6 +220,7 @@ impl Changelog {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
             .create_with_context(RestoreContext)
             .map_err(unavailable)?;
         let (low, high) = consumer

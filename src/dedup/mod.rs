@@ -541,7 +541,7 @@ mod tests {
             {
                 let store = open(dir.path(), &clock);
                 store
-                    .commit(&[(key.clone(), entry(1, clock.now_ms(), 0))], &[])
+                    .commit(&[(key.clone(), entry(1, clock.now_ms(), 0))], &[], &[])
                     .unwrap();
                 clock.advance(Duration::from_secs(9));
                 assert!(store.lookup(&[&key]).unwrap()[0].is_some());
@@ -585,6 +585,7 @@ mod tests {
                     ),
                 ],
                 &[progress(0), progress(1)],
+                &[],
             )
             .unwrap();
         let found = store.find(&k).unwrap();
@@ -606,11 +607,11 @@ mod tests {
         let old = DedupKey::new("t", Partition(0), &IdemKey("old".into()));
         let new = DedupKey::new("t", Partition(0), &IdemKey("new".into()));
         store
-            .commit(&[(old.clone(), entry(1, 9_000, 0))], &[])
+            .commit(&[(old.clone(), entry(1, 9_000, 0))], &[], &[])
             .unwrap();
         store.ignore_entries_before(10_000);
         store
-            .commit(&[(new.clone(), entry(1, 10_000, 1))], &[])
+            .commit(&[(new.clone(), entry(1, 10_000, 1))], &[], &[])
             .unwrap();
         let found = store.lookup(&[&old, &new]).unwrap();
         assert!(found[0].is_none() && found[1].is_some());

@@ -18,7 +18,10 @@
 //! the batch again.
 //!
 //! Transient failures in steps 2, 4, 5 and 6 are retried with backoff for
-//! as long as it takes; nothing is dead-lettered for them (I6). A crash at
+//! as long as it takes; nothing is dead-lettered for them (I6). A failed
+//! sink write (step 4) returns [`BatchError::SinkDown`] instead of waiting
+//! here, so that the consumer loop can pause consumption and keep polling
+//! (and so its group membership) while the sink is down. A crash at
 //! any point leaves the records uncommitted, and the re-read finds the sink
 //! already holding their effect (I3, I5).
 
@@ -67,6 +70,12 @@ pub enum BatchError {
     /// The dedup store failed in a way retrying will not fix.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The sink write failed in a way that heals (or needs an operator):
+    /// nothing of the batch took effect that counts. The consumer loop
+    /// pauses consumption, stays in its group, and offers the batch again
+    /// after this delay.
+    #[error("sink down; the batch is tried again in {0:?}")]
+    SinkDown(Duration),
     /// The sink can do nothing more (a fenced Kafka producer).
     #[error("sink failed for good: {0}")]
     SinkFatal(String),
@@ -108,6 +117,8 @@ pub struct BatchProcessor {
     /// Changelog positions learnt from a transaction's commit, written
     /// with the next batch's dedup records.
     changelog_positions: Vec<Progress>,
+    /// Backoff of the sink's failed writes, across tries of a batch.
+    sink_backoff: Backoff,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     crash: Arc<CrashPlan>,
@@ -140,6 +151,7 @@ impl BatchProcessor {
             dead_letters,
             changelog,
             changelog_positions: Vec::new(),
+            sink_backoff: Backoff::new(config.retry),
             metrics,
             readiness,
             crash,
@@ -407,47 +419,43 @@ impl BatchProcessor {
             return Ok(Vec::new());
         }
         let batch: Vec<SinkWrite<'_>> = writes.iter().map(|(_, w)| *w).collect();
-        let mut backoff = Backoff::new(self.retry);
-        loop {
-            let started = Instant::now();
-            match self.sink.apply(&batch) {
-                Ok(outcomes) => {
-                    self.readiness.set_sink_ok(true);
-                    if backoff.attempt() > 0 {
-                        tracing::info!(
-                            sink = self.sink.name(),
-                            retries = backoff.attempt(),
-                            "sink write succeeded after retries"
-                        );
-                    }
-                    self.metrics
-                        .sink_write_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    assert_eq!(
-                        outcomes.len(),
-                        batch.len(),
-                        "a sink must return one outcome per record"
+        let started = Instant::now();
+        match self.sink.apply(&batch) {
+            Ok(outcomes) => {
+                self.readiness.set_sink_ok(true);
+                if self.sink_backoff.attempt() > 0 {
+                    tracing::info!(
+                        sink = self.sink.name(),
+                        retries = self.sink_backoff.attempt(),
+                        "sink write succeeded after retries; consumption resumes"
                     );
-                    return Ok(outcomes);
+                    self.sink_backoff = Backoff::new(self.retry);
                 }
-                Err(SinkError::Fatal(why)) => {
-                    self.readiness.set_sink_ok(false);
-                    return Err(BatchError::SinkFatal(why));
+                self.metrics
+                    .sink_write_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                assert_eq!(
+                    outcomes.len(),
+                    batch.len(),
+                    "a sink must return one outcome per record"
+                );
+                Ok(outcomes)
+            }
+            Err(SinkError::Fatal(why)) => {
+                self.readiness.set_sink_ok(false);
+                Err(BatchError::SinkFatal(why))
+            }
+            Err(error) => {
+                self.readiness.set_sink_ok(false);
+                let delay = self.sink_backoff.next_delay();
+                Telemetry::SinkWriteFailed {
+                    sink: self.sink.name(),
+                    error: &error,
+                    attempt: self.sink_backoff.attempt(),
+                    backoff: delay,
                 }
-                Err(error) => {
-                    self.readiness.set_sink_ok(false);
-                    let delay = backoff.next_delay();
-                    Telemetry::SinkWriteFailed {
-                        sink: self.sink.name(),
-                        error: &error,
-                        attempt: backoff.attempt(),
-                        backoff: delay,
-                    }
-                    .emit(&self.metrics);
-                    if self.shutdown.sleep(delay) {
-                        return Err(BatchError::Interrupted);
-                    }
-                }
+                .emit(&self.metrics);
+                Err(BatchError::SinkDown(delay))
             }
         }
     }

@@ -50,6 +50,9 @@ struct Engine {
     /// The partitions this instance owns now.
     assigned: BTreeSet<(String, Partition)>,
     last_sweep: Instant,
+    /// The sink is down: the pending batch is offered again at this time;
+    /// meanwhile consumption is paused.
+    retry_at: Option<Instant>,
 }
 
 impl Engine {
@@ -79,7 +82,8 @@ impl Engine {
             .is_some_and(|t| t.elapsed() >= Duration::from_millis(batch.linger_ms))
     }
 
-    /// Processes and commits everything pending.
+    /// Processes and commits everything pending. When the sink is down
+    /// the records stay pending and `retry_at` says when to try again.
     fn flush(&mut self, committer: &dyn OffsetCommitter) -> Result<(), BatchError> {
         if self.dead {
             return Ok(());
@@ -87,11 +91,38 @@ impl Engine {
         let records = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
         self.first_polled = None;
-        let result = self.processor.process(&records, committer);
-        if result.is_err() {
-            self.dead = true;
+        match self.processor.process(&records, committer) {
+            Ok(()) => {
+                self.retry_at = None;
+                Ok(())
+            }
+            Err(BatchError::SinkDown(delay)) => {
+                // Nothing of it counts as done: keep it, in order, ahead
+                // of whatever is polled meanwhile.
+                let newer = std::mem::replace(&mut self.pending, records);
+                self.pending.extend(newer);
+                self.pending_bytes = self.pending.iter().map(Record::size).sum();
+                self.first_polled = Some(Instant::now());
+                self.retry_at = Some(Instant::now() + delay);
+                Err(BatchError::SinkDown(delay))
+            }
+            Err(e) => {
+                self.dead = true;
+                Err(e)
+            }
         }
-        result
+    }
+
+    /// Leaves the pending records of revoked partitions to their next
+    /// owner: they are not committed, so it reads them again.
+    fn drop_pending(&mut self, revoked: &TopicPartitionList) {
+        self.pending
+            .retain(|r| revoked.find_partition(&r.topic, r.partition.0).is_none());
+        self.pending_bytes = self.pending.iter().map(Record::size).sum();
+        if self.pending.is_empty() {
+            self.first_polled = None;
+            self.retry_at = None;
+        }
     }
 }
 
@@ -187,8 +218,12 @@ impl ConsumerContext for IdemContext {
             // Finish and commit the batch in flight while we still own its
             // partitions; the next owner then starts after it.
             let mut engine = self.engine();
-            if let Err(e) = engine.flush(consumer) {
-                engine.failed = Some(e);
+            match engine.flush(consumer) {
+                Ok(()) => {}
+                // Still down: what the revoked partitions had pending goes
+                // to their next owner uncommitted.
+                Err(BatchError::SinkDown(_)) => engine.drop_pending(tpl),
+                Err(e) => engine.failed = Some(e),
             }
             for e in tpl.elements() {
                 let _ = self
@@ -347,6 +382,21 @@ fn set_start_offsets(
     Ok(from_store)
 }
 
+/// Pauses or resumes fetching for every assigned partition.
+fn set_paused(consumer: &BaseConsumer<IdemContext>, pause: bool) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let done = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    if let Err(e) = done {
+        warn!(error = %e, pause, "cannot pause or resume the assigned partitions");
+    }
+}
+
 fn describe(tpl: &TopicPartitionList) -> String {
     tpl.elements()
         .iter()
@@ -366,10 +416,6 @@ pub fn client_config(config: &Config) -> ClientConfig {
             config.kafka.offset_reset.as_librdkafka(),
         )
         .set("isolation.level", "read_committed")
-        .set(
-            "session.timeout.ms",
-            config.kafka.session_timeout_ms.to_string(),
-        )
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false")
         // Incremental rebalances: partitions that stay keep going while
@@ -388,7 +434,13 @@ fn lookup_config(config: &Config) -> ClientConfig {
     client
         .set("bootstrap.servers", &config.kafka.bootstrap_servers)
         .set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false");
+        .set("enable.auto.commit", "false")
+        // librdkafka checks it against max.poll.interval.ms on every
+        // consumer, joined or not.
+        .set(
+            "session.timeout.ms",
+            config.kafka.session_timeout_ms.to_string(),
+        );
     client
 }
 
@@ -462,6 +514,7 @@ pub fn run(
         start_commits: Vec::new(),
         assigned: BTreeSet::new(),
         last_sweep: Instant::now(),
+        retry_at: None,
     }));
     let context = IdemContext {
         engine: Arc::clone(&engine),
@@ -475,12 +528,45 @@ pub fn run(
     consumer.subscribe(&config.topic_names())?;
     let lock = || engine.lock().expect("engine lock poisoned");
 
+    let mut paused = false;
     let result = loop {
         if shutdown.is_triggered() {
-            // The batch in flight finishes and commits before we leave.
+            // The batch in flight finishes and commits before we leave (if
+            // the sink lets it; otherwise it is read again on restart).
             break lock().flush(&consumer);
         }
-        let timeout = lock().poll_timeout(&config.batch);
+        // Backpressure: while the sink is down, consumption is paused and
+        // the loop keeps polling (rebalances are served, the group keeps
+        // this member), until the pending batch is due again.
+        let retry_at = lock().retry_at;
+        match retry_at {
+            Some(at) if Instant::now() < at => {
+                if !paused {
+                    info!("sink down: consumption paused until it takes the batch");
+                }
+                set_paused(&consumer, true);
+                paused = true;
+            }
+            Some(_) => {
+                match lock().flush(&consumer) {
+                    Ok(()) | Err(BatchError::SinkDown(_)) => {}
+                    Err(e) => break Err(e),
+                }
+                continue;
+            }
+            None if paused => {
+                set_paused(&consumer, false);
+                paused = false;
+                info!("consumption resumed");
+            }
+            None => {}
+        }
+        let timeout = match retry_at {
+            Some(at) => at
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(200)),
+            None => lock().poll_timeout(&config.batch),
+        };
         let polled = consumer.poll(timeout);
         if let Some(e) = lock().failed.take() {
             break Err(e);
@@ -502,9 +588,10 @@ pub fn run(
                 drop(message);
                 let mut engine = lock();
                 engine.push(record);
-                if engine.is_full(&config.batch) {
-                    if let Err(e) = engine.flush(&consumer) {
-                        break Err(e);
+                if engine.retry_at.is_none() && engine.is_full(&config.batch) {
+                    match engine.flush(&consumer) {
+                        Ok(()) | Err(BatchError::SinkDown(_)) => {}
+                        Err(e) => break Err(e),
                     }
                 }
             }
@@ -512,12 +599,13 @@ pub fn run(
             None => {}
         }
         let mut engine = lock();
-        if engine.is_due(&config.batch) {
-            if let Err(e) = engine.flush(&consumer) {
-                break Err(e);
+        if engine.retry_at.is_none() && engine.is_due(&config.batch) {
+            match engine.flush(&consumer) {
+                Ok(()) | Err(BatchError::SinkDown(_)) => {}
+                Err(e) => break Err(e),
             }
         }
-        if engine.last_sweep.elapsed() >= config.dedup.sweep_interval {
+        if engine.retry_at.is_none() && engine.last_sweep.elapsed() >= config.dedup.sweep_interval {
             // Between batches: nothing of the swept partitions is in
             // flight.
             engine.last_sweep = Instant::now();
@@ -534,7 +622,7 @@ pub fn run(
     lock().pending.clear();
     drop(consumer);
     match result {
-        Ok(()) | Err(BatchError::Interrupted) => {
+        Ok(()) | Err(BatchError::Interrupted) | Err(BatchError::SinkDown(_)) => {
             info!("pipeline stopped");
             Ok(RunEnd::Stopped)
         }
