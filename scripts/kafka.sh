@@ -106,6 +106,15 @@ LOG
   id=$(java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)
   java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool format --standalone \
     -t "$id" -c "$dir/server.properties" >"$dir/format.log" 2>&1
+  launch "$dir" "$port"
+}
+
+# Starts the node whose properties and data are in DIR and waits until it
+# serves; used by start and restart.
+launch() {
+  local dir="$1" port="$2"
+  local cp="$LIBS/*"
+  local jopts=(-Xms256m -Xmx768m -Dkafka.logs.dir="$dir" -Dlog4j2.configurationFile="$dir/log4j2.properties")
   nohup java "${jopts[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties" \
     >"$dir/stdout.log" 2>&1 &
   echo $! >"$dir/pid"
@@ -140,9 +149,21 @@ stop() {
   rm -f "$dir/pid"
 }
 
+# Stops the node in DIR and starts it again on the same ports and data, as
+# a broker restart in production would (for the chaos tests).
+restart() {
+  local dir="$1"
+  stop "$dir"
+  local port
+  port=$(sed -E 's/.*:([0-9]+)$/\1/' "$dir/bootstrap")
+  launch "$dir" "$port" >/dev/null
+  cat "$dir/bootstrap"
+}
+
 case "${1:-}" in
   fetch) fetch ;;
   start) start "${2:?usage: kafka.sh start DIR}" ;;
   stop) stop "${2:?usage: kafka.sh stop DIR}" ;;
-  *) echo "usage: kafka.sh fetch | start DIR | stop DIR" >&2; exit 2 ;;
+  restart) restart "${2:?usage: kafka.sh restart DIR}" ;;
+  *) echo "usage: kafka.sh fetch | start DIR | stop DIR | restart DIR" >&2; exit 2 ;;
 esac

@@ -36,8 +36,16 @@ stop() {
   as_owner "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
 }
 
+# Restarts the server in DIR (fast shutdown: open connections are cut), as
+# a database restart in production would (for the chaos tests).
+restart() {
+  local dir="$1"
+  as_owner "$bin/pg_ctl" -D "$dir/data" -m fast -w -t 60 restart >/dev/null
+}
+
 case "${1:-}" in
   start) start "${2:?usage: postgres.sh start DIR}" ;;
   stop) stop "${2:?usage: postgres.sh stop DIR}" ;;
-  *) echo "usage: postgres.sh start DIR | stop DIR" >&2; exit 2 ;;
+  restart) restart "${2:?usage: postgres.sh restart DIR}" ;;
+  *) echo "usage: postgres.sh start DIR | stop DIR | restart DIR" >&2; exit 2 ;;
 esac

@@ -52,7 +52,7 @@ passed=0; failed=0; broker=0; postgres=0
 current=""
 while IFS= read -r line; do
   case "$line" in
-    *"Running tests/postgres.rs"*) current=postgres ;;
+    *"Running tests/postgres.rs"*|*"Running tests/chaos.rs"*) current=postgres ;;
     *"Running tests/pipeline.rs"*|*"Running tests/http.rs"*|*"Running tests/files.rs"*|*"Running tests/crash.rs"*|*"Running tests/operations.rs"*|*"Running tests/observability.rs"*|*"Running tests/kafka_sink.rs"*|*"Running tests/scale_out.rs"*) current=broker ;;
     *"Running "*) current=other ;;
     "test result:"*)

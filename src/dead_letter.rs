@@ -24,7 +24,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use crate::config::Config;
 use crate::decode::DeadLetterReason;
-use crate::delivery::{is_too_large, opaque, send_waiting, Deliveries};
+use crate::delivery::{opaque, send_waiting, Deliveries};
+use crate::fault::{self, Fault};
 use crate::record::Record;
 
 /// One record on its way to the dead-letter topic.
@@ -120,7 +121,7 @@ impl DeadLetterProducer {
         for (i, letter) in letters.iter().enumerate() {
             match self.produce(letter, opaque(generation, i), false) {
                 Ok(()) => {}
-                Err(e) if is_too_large(&e) => too_large.push(i),
+                Err(e) if fault::kafka_delivery(&e) == Fault::Record => too_large.push(i),
                 Err(e) => {
                     errors.insert(i, e.to_string());
                 }
@@ -185,7 +186,7 @@ impl DeadLetterProducer {
                     errors.remove(&i);
                     delivered.push(i);
                 }
-                Err(e) if is_too_large(&e) => too_large.push(i),
+                Err(e) if fault::kafka_delivery(&e) == Fault::Record => too_large.push(i),
                 Err(e) => {
                     errors.insert(i, e.to_string());
                 }

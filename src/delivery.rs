@@ -85,11 +85,3 @@ pub fn send_waiting<C: rdkafka::producer::ProducerContext>(
         }
     }
 }
-
-/// Whether the broker or librdkafka refused a record as too large.
-pub fn is_too_large(e: &KafkaError) -> bool {
-    matches!(
-        e,
-        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
-    )
-}

@@ -18,6 +18,8 @@
 //! - [`delivery`]: delivery reports shared by idem's producers.
 //! - [`pipeline`]: the write path per batch, and the consumer loop.
 //! - [`outcome`]: the outcomes every record is counted in.
+//! - [`fault`]: every failure classified, once: record, transient,
+//!   operator or fatal.
 //! - [`telemetry`]: metrics, typed events, `/metrics`, logging.
 //! - [`clock`], [`failpoint`]: injectable time and crash points for tests.
 //! - [`demo`]: `idem demo`, the whole job on an embedded Kafka cluster.
@@ -31,6 +33,7 @@ pub mod dedup;
 pub mod delivery;
 pub mod demo;
 pub mod failpoint;
+pub mod fault;
 pub mod inspect;
 pub mod outcome;
 pub mod pipeline;

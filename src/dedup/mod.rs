@@ -63,13 +63,7 @@ pub enum StoreError {
 impl StoreError {
     pub fn is_retriable(&self) -> bool {
         match self {
-            StoreError::Rocks(e) => matches!(
-                e.kind(),
-                rocksdb::ErrorKind::Busy
-                    | rocksdb::ErrorKind::TimedOut
-                    | rocksdb::ErrorKind::TryAgain
-                    | rocksdb::ErrorKind::Incomplete
-            ),
+            StoreError::Rocks(e) => crate::fault::store(e) == crate::fault::Fault::Transient,
             _ => false,
         }
     }

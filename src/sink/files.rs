@@ -27,6 +27,7 @@ use super::{Sink, SinkError, SinkWrite, WriteOutcome};
 use crate::config::{FilesSinkConfig, SinkMode};
 use crate::decode::write_canonical;
 use crate::failpoint;
+use crate::fault;
 
 pub struct FilesSink {
     dir: PathBuf,
@@ -36,13 +37,7 @@ pub struct FilesSink {
 }
 
 fn io_error(what: &str, path: &Path, e: &std::io::Error) -> SinkError {
-    let text = format!("{what} {}: {e}", path.display());
-    match e.kind() {
-        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem | ErrorKind::NotADirectory => {
-            SinkError::NeedsOperator(text)
-        }
-        _ => SinkError::Unavailable(text),
-    }
+    fault::io(e).sink_error(format!("{what} {}: {e}", path.display()))
 }
 
 /// A file name for a key: letters, digits, `-`, `_` and `.` stay, every

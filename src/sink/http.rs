@@ -38,6 +38,7 @@ use serde_json::Value;
 use super::{Sink, SinkError, SinkWrite, WriteOutcome};
 use crate::config::{HttpSinkConfig, RetryConfig};
 use crate::failpoint;
+use crate::fault::{self, Fault};
 use crate::pipeline::retry::Backoff;
 
 pub struct HttpSink {
@@ -74,19 +75,17 @@ fn classify(status: StatusCode, retry_after: Option<Duration>) -> Answer {
         413 => Answer::Done(WriteOutcome::TooLarge(
             "the receiver answered HTTP 413".into(),
         )),
-        401 | 403 | 404 | 405 | 407 | 421 => Answer::Operator(format!(
-            "the receiver answered HTTP {code}; check sink.url and sink.headers"
-        )),
-        408 | 429 | 500..=599 => Answer::Retry {
-            why: format!("HTTP {code}"),
-            after: retry_after,
-        },
-        400..=499 => Answer::Done(WriteOutcome::Rejected(format!(
-            "the receiver answered HTTP {code}"
-        ))),
-        _ => Answer::Retry {
-            why: format!("unexpected HTTP {code}"),
-            after: None,
+        _ => match fault::http_status(code) {
+            Fault::Operator => Answer::Operator(format!(
+                "the receiver answered HTTP {code}; check sink.url and sink.headers"
+            )),
+            Fault::Record => Answer::Done(WriteOutcome::Rejected(format!(
+                "the receiver answered HTTP {code}"
+            ))),
+            Fault::Transient | Fault::Fatal => Answer::Retry {
+                why: format!("HTTP {code}"),
+                after: retry_after,
+            },
         },
     }
 }
@@ -181,6 +180,9 @@ impl HttpSink {
                         .map(Duration::from_secs);
                     classify(response.status(), after)
                 }
+                // No answer at all (refused, reset, timed out): transient,
+                // as `fault::http_status` says of any status it cannot
+                // place.
                 Err(e) => Answer::Retry {
                     why: if e.is_timeout() {
                         "timed out".to_string()

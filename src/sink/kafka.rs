@@ -49,7 +49,8 @@ use super::{Sink, SinkError, SinkWrite, TransactionError, Transactional, WriteOu
 use crate::config::{Config, KafkaSinkConfig};
 use crate::dedup::changelog::{block_on_timeout, positions};
 use crate::dedup::{ChangelogRecord, Progress};
-use crate::delivery::{is_too_large, opaque, send_waiting, Deliveries};
+use crate::delivery::{opaque, send_waiting, Deliveries};
+use crate::fault::{self, Fault, TransactionFault};
 
 /// Room left under the topic's `max.message.bytes` for the record batch's
 /// own framing, so that a record librdkafka accepts is one the broker
@@ -191,7 +192,9 @@ impl KafkaSink {
             };
             match self.send(write, &key, opaque(generation, i)) {
                 Ok(()) => sent += 1,
-                Err(e) if is_too_large(&e) => verdicts[i] = Some(too_large()),
+                Err(e) if fault::kafka_delivery(&e) == Fault::Record => {
+                    verdicts[i] = Some(too_large())
+                }
                 Err(e) => return Attempt::Failed(Failure::Retry(e.to_string())),
             }
         }
@@ -204,7 +207,7 @@ impl KafkaSink {
         for (i, report) in self.producer.context().take(generation) {
             match report {
                 Ok(_) => {}
-                Err(e) if is_too_large(&e) => {
+                Err(e) if fault::kafka_delivery(&e) == Fault::Record => {
                     verdicts[i] = Some(too_large());
                     refused = true;
                 }
@@ -266,7 +269,7 @@ enum Attempt {
     Failed(Failure),
 }
 
-/// How a librdkafka transaction error is to be handled.
+/// How a transactional failure is handled, with its text.
 #[derive(Debug)]
 enum Failure {
     /// Abort the transaction and do the batch again.
@@ -277,14 +280,12 @@ enum Failure {
     Fatal(String),
 }
 
-/// The one place that classifies the transactional producer's errors.
+/// [`fault::kafka_transaction`]'s verdict, with the error's text.
 fn transaction_failure(e: &KafkaError) -> Failure {
-    match e {
-        KafkaError::Transaction(rd) if rd.is_fatal() => Failure::Fatal(rd.to_string()),
-        KafkaError::Transaction(rd) if rd.txn_requires_abort() => Failure::Abort(rd.to_string()),
-        KafkaError::Transaction(rd) if rd.is_retriable() => Failure::Retry(rd.to_string()),
-        KafkaError::Transaction(rd) => Failure::Abort(rd.to_string()),
-        other => Failure::Abort(other.to_string()),
+    match fault::kafka_transaction(e) {
+        TransactionFault::Fatal => Failure::Fatal(e.to_string()),
+        TransactionFault::Abort => Failure::Abort(e.to_string()),
+        TransactionFault::Retry => Failure::Retry(e.to_string()),
     }
 }
 

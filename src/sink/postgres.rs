@@ -28,7 +28,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Transaction;
 
@@ -36,6 +35,7 @@ use super::table::{plan_upserts, quote, Cell, Row, TableMapping};
 use super::{Sink, SinkError, SinkWrite, WriteOutcome};
 use crate::config::{PostgresSinkConfig, PostgresTls, SinkMode};
 use crate::failpoint;
+use crate::fault::{self, Fault};
 
 /// PostgreSQL takes at most 65,535 parameters in one statement.
 const MAX_PARAMS: usize = 65_535;
@@ -49,45 +49,12 @@ pub struct PostgresSink {
     statement_timeout_ms: u64,
 }
 
-/// How a PostgreSQL error is handled.
-#[derive(Debug, PartialEq, Eq)]
-enum ErrorClass {
-    /// The record's values: reject it alone.
-    Record,
-    /// Retry the batch.
-    Transient,
-    /// Retry the batch, and ask for an operator.
-    Operator,
-}
-
-fn classify(e: &tokio_postgres::Error) -> ErrorClass {
-    let Some(code) = e.code() else {
-        // No SQLSTATE: the connection or the I/O under it.
-        return ErrorClass::Transient;
-    };
-    let c = code.code();
-    if c.starts_with("22") || c.starts_with("23") || *code == SqlState::DATATYPE_MISMATCH {
-        ErrorClass::Record
-    } else if ["08", "53", "57", "40", "58"]
-        .iter()
-        .any(|p| c.starts_with(p))
-        || *code == SqlState::LOCK_NOT_AVAILABLE
-    {
-        ErrorClass::Transient
-    } else {
-        ErrorClass::Operator
-    }
-}
-
 fn batch_error(e: &tokio_postgres::Error) -> SinkError {
     let text = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
     };
-    match classify(e) {
-        ErrorClass::Operator => SinkError::NeedsOperator(text),
-        _ => SinkError::Unavailable(text),
-    }
+    fault::postgres(e).sink_error(text)
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> SinkError {
@@ -334,7 +301,7 @@ impl PostgresSink {
                 savepoint.commit().await?;
                 Ok(returned.iter().map(|r| r.get::<_, String>(0)).collect())
             }
-            Err(e) if classify(&e) == ErrorClass::Record => {
+            Err(e) if fault::postgres(&e) == Fault::Record => {
                 savepoint.rollback().await?;
                 if rows.len() == 1 {
                     let why = e.as_db_error().map_or_else(

@@ -24,13 +24,14 @@
 
 use std::time::Duration;
 
-use rusqlite::{params_from_iter, Connection, ErrorCode};
+use rusqlite::{params_from_iter, Connection};
 use serde_json::Value;
 
 use super::table::{quote, Cell, TableMapping};
 use super::{Sink, SinkError, SinkWrite, WriteOutcome};
 use crate::config::{SinkMode, SqliteSinkConfig};
 use crate::failpoint;
+use crate::fault::{self, Fault};
 
 pub struct SqliteSink {
     conn: Connection,
@@ -231,23 +232,11 @@ fn cell_to_sql(cell: &Cell) -> rusqlite::types::Value {
 
 /// Errors caused by one record's values rather than by the database.
 fn is_record_error(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig)
-    )
+    fault::sqlite(e) == Fault::Record
 }
 
 fn classify_batch_error(e: rusqlite::Error) -> SinkError {
-    match e.sqlite_error_code() {
-        Some(
-            ErrorCode::DatabaseBusy
-            | ErrorCode::DatabaseLocked
-            | ErrorCode::SystemIoFailure
-            | ErrorCode::DiskFull
-            | ErrorCode::OutOfMemory,
-        ) => SinkError::Unavailable(e.to_string()),
-        _ => SinkError::NeedsOperator(e.to_string()),
-    }
+    fault::sqlite(&e).sink_error(e.to_string())
 }
 
 #[cfg(test)]
