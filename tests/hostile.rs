@@ -29,6 +29,10 @@ enum Expect {
     /// Applied; the row with this entity id exists afterwards.
     Applied(&'static str),
     Duplicate,
+    /// Same key as an earlier record, another body: dead-lettered with
+    /// reason `conflict`.
+    Conflict,
+    Stale,
     Filtered,
     /// Dead-lettered with this `idem.reason`.
     Dead(&'static str),
@@ -370,6 +374,29 @@ fn corpus() -> Vec<Case> {
             reason: "invalid-json",
             all: true,
         }),
+        // C6 and C8 among the hostile ones: a key reused with another
+        // body, the first body re-serialised, and an older version.
+        case("conflict-first", Some(order("conflict-row")))
+            .idem(b"conflict-k")
+            .expect(Applied("conflict-row")),
+        case(
+            "conflict-second",
+            Some(order_with("conflict-row", "qty", "2")),
+        )
+        .idem(b"conflict-k")
+        .expect(Conflict),
+        case(
+            "conflict-reserialised",
+            Some(b"{ \"ver\": 1, \"qty\": 1, \"id\": \"conflict-row\" }".to_vec()),
+        )
+        .idem(b"conflict-k")
+        .expect(Duplicate),
+        case("stale-new", Some(order_with("stale-row", "ver", "2")))
+            .idem(b"stale-2")
+            .expect(Applied("stale-row")),
+        case("stale-old", Some(order("stale-row")))
+            .idem(b"stale-1")
+            .expect(Stale),
         ok("last-p0"),
         ok("last-p1").on(MAIN, 1),
         // The record key as the idempotency key.
@@ -739,8 +766,8 @@ fn hostile_corpus_is_applied_or_dead_lettered_and_never_blocks() {
             "dead_lettered",
             count(&|e| matches!(e, Expect::Dead(_) | Expect::DeadOmitted { .. })),
         ),
-        ("conflict", 0),
-        ("stale", 0),
+        ("conflict", count(&|e| *e == Expect::Conflict)),
+        ("stale", count(&|e| *e == Expect::Stale)),
     ];
     let mut sum = 0;
     for (outcome, n) in expected {
@@ -773,7 +800,12 @@ fn hostile_corpus_is_applied_or_dead_lettered_and_never_blocks() {
     // The dead letters: one per dead-lettered record, found by source
     // topic, partition and offset, with its reason and its original bytes.
     check_dead_letters(&topics, &cases);
-    let dead = count(&|e| matches!(e, Expect::Dead(_) | Expect::DeadOmitted { .. }));
+    let dead = count(&|e| {
+        matches!(
+            e,
+            Expect::Dead(_) | Expect::DeadOmitted { .. } | Expect::Conflict
+        )
+    });
     assert_eq!(
         idem.metric("idem_dead_letters_total", "").unwrap(),
         dead,
@@ -836,6 +868,7 @@ fn check_dead_letters(topics: &Topics, cases: &[Case]) {
         );
         let (reason, omitted_value, omitted_all) = match c.expect {
             Expect::Dead(r) => (r, false, false),
+            Expect::Conflict => ("conflict", false, false),
             Expect::DeadOmitted { reason, all } => (reason, true, all),
             other => panic!("{}: expected {other:?}, but dead-lettered", c.what),
         };
@@ -866,7 +899,12 @@ fn check_dead_letters(topics: &Topics, cases: &[Case]) {
     }
     let expected: BTreeSet<_> = by_source
         .iter()
-        .filter(|(_, c)| matches!(c.expect, Expect::Dead(_) | Expect::DeadOmitted { .. }))
+        .filter(|(_, c)| {
+            matches!(
+                c.expect,
+                Expect::Dead(_) | Expect::DeadOmitted { .. } | Expect::Conflict
+            )
+        })
         .map(|(s, _)| s.clone())
         .collect();
     let missing: Vec<_> = expected

@@ -390,12 +390,21 @@ fn metrics_server_binds_loopback_by_default() {
 
     // A network namespace with only its own loopback: nothing can reach
     // idem there, and port 9464 is free whatever runs on this machine.
+    // Its loopback starts down; python3 (which scripts/setup.sh installs)
+    // brings it up with SIOCGIFFLAGS/SIOCSIFFLAGS, as `ip link set lo up`
+    // would.
+    let lo_up = "import fcntl, socket, struct; s = socket.socket(); \
+                 q = struct.pack('16sh', b'lo', 0); \
+                 f = struct.unpack('16sh', fcntl.ioctl(s, 0x8913, q))[1]; \
+                 fcntl.ioctl(s, 0x8914, struct.pack('16sh', b'lo', f | 1))";
     let stderr = f.dir.path().join("idem.stderr");
     let mut child = Command::new("unshare")
         .arg("--net")
         .arg("sh")
         .arg("-c")
-        .arg("ip link set lo up && exec \"$0\" run --config \"$1\"")
+        .arg(format!(
+            "python3 -c \"{lo_up}\" && exec \"$0\" run --config \"$1\""
+        ))
         .arg(env!("CARGO_BIN_EXE_idem"))
         .arg(&path)
         .env("RUST_LOG", "info")
