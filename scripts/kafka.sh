@@ -7,6 +7,12 @@
 #   scripts/kafka.sh start DIR      format DIR, start the node, wait until it
 #                                   serves; prints the bootstrap address
 #   scripts/kafka.sh stop DIR       stop the node started in DIR
+#
+# The node has two client listeners on 127.0.0.1: PLAINTEXT (the address
+# printed, also in DIR/bootstrap) and SASL_PLAINTEXT with SCRAM-SHA-256
+# (DIR/sasl_bootstrap). The SCRAM user is created when DIR is formatted,
+# with a fresh random password; DIR/sasl_user and DIR/sasl_password (mode
+# 600) hold them. The password is in no properties file.
 set -euo pipefail
 
 KAFKA_VERSION="${IDEM_KAFKA_VERSION:-4.1.1}"
@@ -66,16 +72,23 @@ start() {
   local dir="$1"
   fetch
   mkdir -p "$dir"
-  local port ctl
+  local port ctl sasl_port
   port=$(free_port)
   ctl=$(free_port)
+  sasl_port=$(free_port)
   cat > "$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctl
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,SASL_PLAINTEXT://127.0.0.1:$sasl_port,CONTROLLER://127.0.0.1:$ctl
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_PLAINTEXT://127.0.0.1:$sasl_port
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT
+# SCRAM-SHA-256 on the SASL listener; its users live in the metadata log
+# (created by "format --add-scram"), so the broker's JAAS entry names none.
+sasl.enabled.mechanisms=SCRAM-SHA-256
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=SCRAM-SHA-256
+listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 controller.quorum.bootstrap.servers=127.0.0.1:$ctl
 log.dirs=$dir/data
 num.partitions=2
@@ -102,19 +115,33 @@ appender.file.layout.pattern=[%d] %p %m (%c)%n
 LOG
   local cp="$LIBS/*"
   local jopts=(-Xms256m -Xmx768m -Dkafka.logs.dir="$dir" -Dlog4j2.configurationFile="$dir/log4j2.properties")
-  local id
+  local id sasl_user sasl_password
   id=$(java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)
+  sasl_user=idem
+  # Letters and digits only: StorageTool's --add-scram syntax has no quoting.
+  sasl_password=$(head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 24)
+  (umask 077; printf '%s\n' "$sasl_user" >"$dir/sasl_user"; printf '%s\n' "$sasl_password" >"$dir/sasl_password")
   java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool format --standalone \
-    -t "$id" -c "$dir/server.properties" >"$dir/format.log" 2>&1
+    -t "$id" -c "$dir/server.properties" \
+    --add-scram "SCRAM-SHA-256=[name=$sasl_user,password=$sasl_password]" >"$dir/format.log" 2>&1
+  echo "127.0.0.1:$sasl_port" >"$dir/sasl_bootstrap"
+  (umask 077; cat >"$dir/sasl_client.properties" <<CLIENT
+security.protocol=SASL_PLAINTEXT
+sasl.mechanism=SCRAM-SHA-256
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$sasl_user" password="$sasl_password";
+CLIENT
+  )
   launch "$dir" "$port"
 }
 
 # Starts the node whose properties and data are in DIR and waits until it
-# serves; used by start and restart.
+# serves on both client listeners; used by start and restart.
 launch() {
   local dir="$1" port="$2"
   local cp="$LIBS/*"
   local jopts=(-Xms256m -Xmx768m -Dkafka.logs.dir="$dir" -Dlog4j2.configurationFile="$dir/log4j2.properties")
+  local sasl_bootstrap
+  sasl_bootstrap=$(cat "$dir/sasl_bootstrap")
   nohup java "${jopts[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties" \
     >"$dir/stdout.log" 2>&1 &
   echo $! >"$dir/pid"
@@ -131,6 +158,16 @@ launch() {
     fi
     if [ $SECONDS -ge $deadline ]; then
       echo "kafka.sh: broker did not serve within 120 s; see $dir" >&2
+      exit 1
+    fi
+    sleep 1
+  done
+  # The SCRAM listener must take the user created at format time.
+  until java -cp "$cp" org.apache.kafka.tools.TopicCommand \
+      --bootstrap-server "$sasl_bootstrap" \
+      --command-config "$dir/sasl_client.properties" --list >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "kafka.sh: the SASL listener did not take the SCRAM user within 120 s; see $dir" >&2
       exit 1
     fi
     sleep 1

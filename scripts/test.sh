@@ -31,7 +31,12 @@ trap cleanup EXIT
 echo "== starting Apache Kafka on 127.0.0.1"
 IDEM_KAFKA_BOOTSTRAP=$(scripts/kafka.sh start "$broker_dir")
 export IDEM_KAFKA_BOOTSTRAP
-echo "   broker at $IDEM_KAFKA_BOOTSTRAP"
+# The same broker's SCRAM-SHA-256 listener, for tests/security.rs.
+IDEM_KAFKA_SASL_BOOTSTRAP=$(cat "$broker_dir/sasl_bootstrap")
+IDEM_KAFKA_SASL_USER=$(cat "$broker_dir/sasl_user")
+IDEM_KAFKA_SASL_PASSWORD=$(cat "$broker_dir/sasl_password")
+export IDEM_KAFKA_SASL_BOOTSTRAP IDEM_KAFKA_SASL_USER IDEM_KAFKA_SASL_PASSWORD
+echo "   broker at $IDEM_KAFKA_BOOTSTRAP (SASL/SCRAM at $IDEM_KAFKA_SASL_BOOTSTRAP)"
 echo "== starting PostgreSQL on 127.0.0.1"
 IDEM_PG_URL=$(scripts/postgres.sh start "$pg_dir")
 export IDEM_PG_URL
@@ -53,7 +58,7 @@ current=""
 while IFS= read -r line; do
   case "$line" in
     *"Running tests/postgres.rs"*|*"Running tests/chaos.rs"*) current=postgres ;;
-    *"Running tests/pipeline.rs"*|*"Running tests/http.rs"*|*"Running tests/files.rs"*|*"Running tests/crash.rs"*|*"Running tests/operations.rs"*|*"Running tests/observability.rs"*|*"Running tests/kafka_sink.rs"*|*"Running tests/scale_out.rs"*) current=broker ;;
+    *"Running tests/pipeline.rs"*|*"Running tests/http.rs"*|*"Running tests/files.rs"*|*"Running tests/crash.rs"*|*"Running tests/operations.rs"*|*"Running tests/observability.rs"*|*"Running tests/kafka_sink.rs"*|*"Running tests/scale_out.rs"*|*"Running tests/hostile.rs"*|*"Running tests/security.rs"*) current=broker ;;
     *"Running "*) current=other ;;
     "test result:"*)
       p=$(sed -E 's/.* ([0-9]+) passed.*/\1/' <<<"$line")

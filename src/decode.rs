@@ -7,7 +7,9 @@
 //!    counted as `filtered` and has no effect (deletes would let a replayed
 //!    older version bring a row back; see the README).
 //! 3. A record with neither value nor key is `empty`.
-//! 4. The value must be JSON in UTF-8 (`invalid-json` otherwise).
+//! 4. The value must be JSON in UTF-8 (`invalid-json` otherwise), nested
+//!    at most 128 deep, and use no object key named
+//!    `$serde_json::private::Number` (see [`RESERVED_NUMBER_KEY`]).
 //! 5. The idempotency key must be present (`missing-key`), UTF-8 and at
 //!    most `limits.max_key_bytes` long (`bad-key`).
 
@@ -123,6 +125,12 @@ pub fn decode(record: &Record, key_source: &KeySource, limits: &LimitsConfig) ->
         Ok(body) => body,
         Err(e) => return invalid(DeadLetterReason::InvalidJson, e.to_string()),
     };
+    if uses_reserved_number_key(value) {
+        return invalid(
+            DeadLetterReason::InvalidJson,
+            format!("an object key is `{RESERVED_NUMBER_KEY}`, which the JSON parser reserves"),
+        );
+    }
     let fingerprint = Fingerprint::of(&body);
     let key = match extract_key(record, &body, fingerprint, key_source) {
         Ok(key) => key,
@@ -146,6 +154,54 @@ pub fn decode(record: &Record, key_source: &KeySource, limits: &LimitsConfig) ->
         fingerprint,
         body,
     })
+}
+
+/// The object key by which serde_json, built with `arbitrary_precision`
+/// (idem keeps every digit of a number), marks a number in transit: an
+/// object whose first key it is, with a string of digits as its value,
+/// is read as that number. `{"ver":{"$serde_json::private::Number":"7"}}`
+/// would then be the same body as `{"ver":7}` (one fingerprint, one row),
+/// and in any other place the key makes a canonical form that does not
+/// parse back. A payload that uses it is refused as `invalid-json`.
+pub const RESERVED_NUMBER_KEY: &str = "$serde_json::private::Number";
+
+/// Whether valid JSON `text` has an object key that reads as
+/// [`RESERVED_NUMBER_KEY`] once its escapes are undone.
+fn uses_reserved_number_key(text: &[u8]) -> bool {
+    let token = RESERVED_NUMBER_KEY.as_bytes();
+    // The token has no character that a short escape (`\n`, `\/`...)
+    // writes, so it can only be spelt out or contain `\u` escapes.
+    let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    if !has(token) && !has(b"\\u") {
+        return false;
+    }
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        // A string literal from `start` to its closing quote at `i`.
+        let start = i;
+        let mut escaped = false;
+        i += 1;
+        while i < text.len() && (escaped || text[i] != b'"') {
+            escaped = !escaped && text[i] == b'\\';
+            i += 1;
+        }
+        let literal = &text[start..=i.min(text.len() - 1)];
+        i += 1;
+        let is_key = text[i.min(text.len())..]
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b':');
+        if is_key
+            && serde_json::from_slice::<String>(literal).is_ok_and(|k| k == RESERVED_NUMBER_KEY)
+        {
+            return true;
+        }
+    }
+    false
 }
 
 fn extract_key(
@@ -394,6 +450,49 @@ mod tests {
             reason(&decode(&r, &src, &LimitsConfig::default())),
             Some(DeadLetterReason::MissingKey)
         );
+    }
+
+    /// A number written as serde_json's private object form was read as
+    /// the number: `{"$serde_json::private::Number":"7"}` and `7` were one
+    /// body, so a conflicting record counted as a duplicate.
+    #[test]
+    fn reserved_number_key_is_invalid_json_not_a_number() {
+        let refused: [&[u8]; 4] = [
+            br#"{"id":"a","ver":{"$serde_json::private::Number":"7"}}"#,
+            br#"{"$serde_json::private::Number":"7"}"#,
+            br#"{"a":1,"$serde_json::private::Number":"7"}"#,
+            br#"{"id":"a","x":{"\u0024serde_json::private::Numbe\u0072" : "1"}}"#,
+        ];
+        for body in refused {
+            let d = decode(
+                &record(Some(body), None, idem(b"K")),
+                &KeySource::default(),
+                &LimitsConfig::default(),
+            );
+            assert_eq!(
+                reason(&d),
+                Some(DeadLetterReason::InvalidJson),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // As a value, or next to escapes elsewhere, it is plain data.
+        let accepted: [&[u8]; 2] = [
+            br#"{"id":"a","note":"$serde_json::private::Number"}"#,
+            br#"{"id":"caf\u00e9","note":"\"$serde_json::private::Number\":"}"#,
+        ];
+        for body in accepted {
+            let d = decode(
+                &record(Some(body), None, idem(b"K")),
+                &KeySource::default(),
+                &LimitsConfig::default(),
+            );
+            assert!(
+                matches!(d, Decoded::Event(_)),
+                "{}: {d:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 
 /// A Kafka partition number.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,17 +65,7 @@ pub struct Record {
 
 impl Record {
     pub fn from_message(message: &BorrowedMessage<'_>) -> Record {
-        let headers = message
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
-                        name: h.key.to_string(),
-                        value: h.value.map(<[u8]>::to_vec),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = headers_of(message);
         Record {
             topic: message.topic().to_string(),
             partition: Partition(message.partition()),
@@ -96,4 +86,50 @@ impl Record {
     pub fn header(&self, name: &str) -> Option<&Header> {
         self.headers.iter().find(|h| h.name == name)
     }
+}
+
+/// A message's headers, read through librdkafka's C API: rust-rdkafka's
+/// header iterator panics on a name that is not UTF-8, and such a record
+/// must be dead-lettered like any other, not stop the partition. A name
+/// that is not UTF-8 is kept with U+FFFD in place of the bad bytes;
+/// values are kept byte for byte.
+fn headers_of(message: &BorrowedMessage<'_>) -> Vec<Header> {
+    use rdkafka::bindings as rd;
+    use rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR;
+
+    let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `message.ptr()` is the live librdkafka message this borrow
+    // stands for; librdkafka fills `headers` with a list the message owns,
+    // valid while the message is.
+    let err = unsafe { rd::rd_kafka_message_headers(message.ptr(), &mut headers) };
+    if err != RD_KAFKA_RESP_ERR_NO_ERROR || headers.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: `headers` is the non-null list returned above.
+    let count = unsafe { rd::rd_kafka_header_cnt(headers) };
+    (0..count)
+        .filter_map(|i| {
+            let mut name: *const std::os::raw::c_char = std::ptr::null();
+            let mut value: *const std::os::raw::c_void = std::ptr::null();
+            let mut size = 0usize;
+            // SAFETY: `i` is below the list's count; librdkafka points
+            // `name` at a NUL-terminated string and `value` at `size` bytes
+            // (or null), both owned by the message.
+            let err = unsafe {
+                rd::rd_kafka_header_get_all(headers, i, &mut name, &mut value, &mut size)
+            };
+            if err != RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                return None;
+            }
+            // SAFETY: as above; both are copied before the message goes.
+            let name = unsafe { std::ffi::CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned();
+            let value = (!value.is_null()).then(|| {
+                // SAFETY: `value` points at `size` bytes, see above.
+                unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
+            });
+            Some(Header { name, value })
+        })
+        .collect()
 }

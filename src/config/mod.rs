@@ -100,6 +100,10 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "partition.assignment.strategy",
 ];
 
+/// The librdkafka property whose mere setting loads shared libraries; see
+/// `Config::validate_kafka`.
+const LOADS_LIBRARIES: &str = "plugin.library.paths";
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum OffsetReset {
@@ -538,8 +542,16 @@ impl Config {
             }
         }
         // librdkafka checks names and values without connecting anywhere.
+        // All but one: setting `plugin.library.paths` loads (dlopen) the
+        // libraries it names, which would run their code while a config is
+        // only being checked (`idem check-config` on a file from anywhere).
+        // They are loaded when idem creates its clients, as librdkafka
+        // documents.
         let mut client = rdkafka::ClientConfig::new();
         for (k, v) in &self.kafka.properties {
+            if k == LOADS_LIBRARIES {
+                continue;
+            }
             client.set(k, v);
             if let Err(e) = client.create_native_config() {
                 // librdkafka's message may quote the value.
@@ -774,6 +786,23 @@ topic = "orders.v1.dlq"
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("kafka.properties.enable.auto.commit"), "{err}");
+    }
+
+    /// Checking a config loaded the librdkafka plugins it named: `idem
+    /// check-config` ran the code of any shared library a config pointed at.
+    #[test]
+    fn checking_a_config_loads_no_plugin_library() {
+        let text = GOOD.replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\nproperties = { \"plugin.library.paths\" = \"/nonexistent/libidem-test-plugin\" }",
+        );
+        // Had librdkafka tried to load it, dlopen's failure would refuse
+        // the config.
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.kafka.properties["plugin.library.paths"],
+            "/nonexistent/libidem-test-plugin"
+        );
     }
 
     #[test]
