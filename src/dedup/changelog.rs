@@ -23,14 +23,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
-use rdkafka::ClientContext;
 use rocksdb::{IteratorMode, WriteBatch};
 
 use super::{
@@ -39,7 +37,7 @@ use super::{
 use crate::config::Config;
 use crate::delivery::{opaque, send_waiting, Deliveries};
 use crate::record::{Offset, Partition};
-use crate::telemetry::logging::route_librdkafka_log;
+use crate::telemetry::logging::LoggedContext;
 
 /// One changelog record: a dedup entry, or a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,11 +116,27 @@ impl Changelog {
             .into_iter()
             .map(|t| (t.to_string(), topic_name(&config.kafka.group_id, t)))
             .collect();
-        let admin: AdminClient<DefaultClientContext> = client
-            .create()
+        let admin: AdminClient<LoggedContext> = client
+            .create_with_context(LoggedContext)
+            .map_err(|e| ChangelogError::Misconfigured(e.to_string()))?;
+        // Metadata through a consumer that is polled, so that librdkafka's
+        // queued log lines and errors (a failed SASL login, say) reach the
+        // log; an admin client's are never served.
+        let metadata: BaseConsumer<LoggedContext> = client
+            .clone()
+            .set("group.id", "idem-changelog-setup")
+            .set(
+                "session.timeout.ms",
+                config.kafka.session_timeout_ms.to_string(),
+            )
+            .create_with_context(LoggedContext)
             .map_err(|e| ChangelogError::Misconfigured(e.to_string()))?;
         for (input, changelog) in &topics {
-            ensure_topic(&admin, input, changelog)?;
+            let checked = ensure_topic(&admin, &metadata, input, changelog);
+            if checked.is_err() {
+                let _ = metadata.poll(Duration::from_millis(100));
+            }
+            checked?;
         }
         let producer = client
             .clone()
@@ -212,7 +226,7 @@ impl Changelog {
             return Ok(0);
         };
         let unavailable = |e: KafkaError| ChangelogError::Unavailable(e.to_string());
-        let consumer: BaseConsumer<RestoreContext> = self
+        let consumer: BaseConsumer<LoggedContext> = self
             .client
             .clone()
             .set("group.id", format!("{topic}.restore"))
@@ -221,7 +235,7 @@ impl Changelog {
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .set("session.timeout.ms", self.session_timeout_ms.to_string())
-            .create_with_context(RestoreContext)
+            .create_with_context(LoggedContext)
             .map_err(unavailable)?;
         let (low, high) = consumer
             .fetch_watermarks(topic, partition.0, self.timeout)
@@ -284,25 +298,6 @@ impl Changelog {
     }
 }
 
-/// The restore consumer's context: librdkafka's logs into tracing, and
-/// the end of a partition (how a restore knows it is done) not reported
-/// as an error.
-struct RestoreContext;
-
-impl ClientContext for RestoreContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        route_librdkafka_log(level, fac, message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::warn!(target: "librdkafka", %error, reason, "restore consumer error");
-        }
-    }
-}
-
-impl ConsumerContext for RestoreContext {}
-
 /// The next changelog offset per input partition, from the delivery
 /// reports of `records`.
 ///
@@ -340,15 +335,15 @@ pub(crate) fn positions(
 }
 
 fn ensure_topic(
-    admin: &AdminClient<DefaultClientContext>,
+    admin: &AdminClient<LoggedContext>,
+    metadata: &BaseConsumer<LoggedContext>,
     input: &str,
     changelog: &str,
 ) -> Result<(), ChangelogError> {
     let timeout = Duration::from_secs(10);
     let unavailable = |e: KafkaError| ChangelogError::Unavailable(e.to_string());
     let partitions = |name: &str| -> Result<Option<usize>, ChangelogError> {
-        let metadata = admin
-            .inner()
+        let metadata = metadata
             .fetch_metadata(Some(name), timeout)
             .map_err(unavailable)?;
         Ok(metadata

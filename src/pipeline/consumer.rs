@@ -27,7 +27,7 @@ use crate::config::{BatchConfig, Config, OffsetReset};
 use crate::dedup::{DedupStore, Progress};
 use crate::record::{Partition, Record};
 use crate::telemetry::events::Event as Telemetry;
-use crate::telemetry::logging::route_librdkafka_log;
+use crate::telemetry::logging::{route_librdkafka_log, LoggedContext};
 use crate::telemetry::progress::CatchUp;
 use crate::telemetry::{Metrics, Readiness};
 
@@ -137,7 +137,7 @@ pub struct IdemContext {
     /// committed offsets and watermarks while the group's own handle is in
     /// the middle of a rebalance, where its requests would wait for the
     /// rebalance to finish.
-    lookup: BaseConsumer,
+    lookup: BaseConsumer<LoggedContext>,
 }
 
 impl IdemContext {
@@ -301,7 +301,7 @@ impl OffsetCommitter for BaseConsumer<IdemContext> {
 /// # Errors
 /// A description of the partition that policy `fail` refuses to start.
 fn set_start_offsets(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<LoggedContext>,
     tpl: &TopicPartitionList,
     store: &DedupStore,
     policy: OffsetReset,
@@ -461,7 +461,8 @@ pub fn settle_journal(
     let Some(journal) = store.journal()? else {
         return Ok(());
     };
-    let lookup: BaseConsumer = lookup_config(config).create()?;
+    let lookup: BaseConsumer<LoggedContext> =
+        lookup_config(config).create_with_context(LoggedContext)?;
     let mut tpl = TopicPartitionList::new();
     for (p, _) in &journal.partitions {
         tpl.add_partition(&p.topic, p.partition.0);
@@ -522,7 +523,7 @@ pub fn run(
         offset_reset: config.kafka.offset_reset,
         readiness: Arc::clone(readiness),
         catch_up: Mutex::new(CatchUp::new()),
-        lookup: lookup_config(config).create()?,
+        lookup: lookup_config(config).create_with_context(LoggedContext)?,
     };
     let consumer: BaseConsumer<IdemContext> = client_config(config).create_with_context(context)?;
     consumer.subscribe(&config.topic_names())?;

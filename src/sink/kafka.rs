@@ -37,7 +37,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
@@ -51,6 +50,7 @@ use crate::dedup::changelog::{block_on_timeout, positions};
 use crate::dedup::{ChangelogRecord, Progress};
 use crate::delivery::{opaque, send_waiting, Deliveries};
 use crate::fault::{self, Fault, TransactionFault};
+use crate::telemetry::logging::LoggedContext;
 
 /// Room left under the topic's `max.message.bytes` for the record batch's
 /// own framing, so that a record librdkafka accepts is one the broker
@@ -311,8 +311,8 @@ fn topic_max_message_bytes(config: &Config, topic: &str) -> Result<usize, SinkEr
         client.set(k, v);
     }
     client.set("bootstrap.servers", &config.kafka.bootstrap_servers);
-    let admin: AdminClient<DefaultClientContext> = client
-        .create()
+    let admin: AdminClient<LoggedContext> = client
+        .create_with_context(LoggedContext)
         .map_err(|e| SinkError::NeedsOperator(format!("kafka sink: {e}")))?;
     let timeout = Duration::from_secs(10);
     let metadata = admin

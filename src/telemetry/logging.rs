@@ -38,3 +38,23 @@ pub fn route_librdkafka_log(
         L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
     }
 }
+
+/// The context of idem's helper clients (admin, restore and look-up
+/// consumers): librdkafka's log lines into tracing, its errors as
+/// warnings, except the end of a partition, which a restore reads up to
+/// on purpose.
+pub struct LoggedContext;
+
+impl rdkafka::ClientContext for LoggedContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        route_librdkafka_log(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            tracing::warn!(target: "librdkafka", %error, reason, "client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LoggedContext {}
