@@ -27,7 +27,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
 use rocksdb::{IteratorMode, WriteBatch};
 
@@ -53,9 +53,26 @@ pub struct ChangelogRecord {
 }
 
 impl ChangelogRecord {
-    /// The record's value: the encoded entry, or none for a tombstone.
-    pub fn value(&self) -> Option<Vec<u8>> {
-        self.entry.map(|e| e.encode().to_vec())
+    /// Produces the record through `producer` (its partition is the input
+    /// partition; a tombstone has no value), waiting while the queue is
+    /// full. Delivery is reported under `opaque`.
+    ///
+    /// # Errors
+    /// librdkafka refused the record.
+    pub fn send<C: ProducerContext<DeliveryOpaque = usize>>(
+        &self,
+        producer: &BaseProducer<C>,
+        opaque: usize,
+    ) -> Result<(), KafkaError> {
+        let value = self.entry.map(|e| e.encode());
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.topic, opaque)
+                .key(&self.key[..])
+                .partition(self.partition.0);
+        if let Some(value) = &value {
+            record = record.payload(&value[..]);
+        }
+        send_waiting(producer, record)
     }
 }
 
@@ -191,15 +208,7 @@ impl Changelog {
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         for (i, r) in records.iter().enumerate() {
-            let value = r.value();
-            let mut record: BaseRecord<'_, [u8], [u8], usize> =
-                BaseRecord::with_opaque_to(&r.topic, opaque(generation, i))
-                    .key(&r.key[..])
-                    .partition(r.partition.0);
-            if let Some(value) = &value {
-                record = record.payload(&value[..]);
-            }
-            send_waiting(&self.producer, record)
+            r.send(&self.producer, opaque(generation, i))
                 .map_err(|e| ChangelogError::Unavailable(e.to_string()))?;
         }
         self.producer

@@ -414,15 +414,7 @@ impl Transactional for KafkaSink {
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         for (i, r) in changelog.iter().enumerate() {
-            let value = r.value();
-            let mut record: BaseRecord<'_, [u8], [u8], usize> =
-                BaseRecord::with_opaque_to(&r.topic, opaque(generation, i))
-                    .key(&r.key[..])
-                    .partition(r.partition.0);
-            if let Some(value) = &value {
-                record = record.payload(&value[..]);
-            }
-            if let Err(e) = send_waiting(&self.producer, record) {
+            if let Err(e) = r.send(&self.producer, opaque(generation, i)) {
                 return Err(fail(self, Failure::Abort(format!("dedup changelog: {e}"))));
             }
         }
