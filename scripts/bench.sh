@@ -13,7 +13,9 @@
 #                         idem into SQLite, PostgreSQL and a Kafka topic; then
 #                         the batch latency at a steady paced input rate
 #   scale                 idem into SQLite over new keys with 1,000,000 and
-#                         with 20,000,000 keys already in the dedup window
+#                         with 20,000,000 keys already in the dedup window;
+#                         the largest also with metrics.dedup_scan_secs = 0,
+#                         to show what the periodic scan of the store costs
 #   all                   both
 #
 # Options:
@@ -94,10 +96,10 @@ free_port() {
 }
 
 # Writes the config of one run to $dir/$label/idem.toml, from a fresh group,
-# dedup directory and metrics port; $3 is the sink section. Sets $group and
-# $port for `measure`.
+# dedup directory and metrics port; $3 is the sink section, $4 extra lines
+# for [metrics]. Sets $group and $port for `measure`.
 write_config() {
-  local label="$1" topic="$2" sink="$3"
+  local label="$1" topic="$2" sink="$3" metrics_extra="${4:-}"
   local run="$dir/$label"
   mkdir -p "$run"
   port=$(free_port)
@@ -124,6 +126,7 @@ topic = "bench.dlq"
 
 [metrics]
 listen = "127.0.0.1:$port"
+$metrics_extra
 TOML
 }
 
@@ -192,13 +195,24 @@ scale() {
   echo "== producing $scale_records records into bench.scale (8 partitions)"
   "$bench" topics --bootstrap "$bootstrap" bench.scale:8
   "$bench" produce --bootstrap "$bootstrap" --topic bench.scale --records "$scale_records" --seed 3
-  local keys
+  local keys largest=0 label
   for keys in ${scale_keys//,/ }; do
-    local label="keys-$keys"
+    [ "$keys" -gt "$largest" ] && largest=$keys
+  done
+  for keys in ${scale_keys//,/ }; do
+    echo "== prefilling a dedup store with $keys keys"
+    "$bench" prefill --dedup "$dir/prefill-$keys" --topic bench.scale --keys "$keys"
+    label="keys-$keys"
     write_config "$label" bench.scale "$(sqlite_sink "$label")"
-    echo "== prefilling $keys keys into $label's dedup store"
-    "$bench" prefill --dedup "$dir/$label/dedup" --topic bench.scale --keys "$keys"
+    cp -r "$dir/prefill-$keys" "$dir/$label/dedup"
     measure "$label" bench.scale
+    if [ "$keys" = "$largest" ]; then
+      label="keys-$keys-noscan"
+      write_config "$label" bench.scale "$(sqlite_sink "$label")" "dedup_scan_secs = 0"
+      cp -r "$dir/prefill-$keys" "$dir/$label/dedup"
+      measure "$label" bench.scale
+    fi
+    rm -rf "$dir/prefill-$keys"
   done
 }
 

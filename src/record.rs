@@ -65,15 +65,17 @@ pub struct Record {
 
 impl Record {
     pub fn from_message(message: &BorrowedMessage<'_>) -> Record {
+        // Sized up front: the headers' iterator gives no size hint, and a
+        // record is copied on the consumer's thread before each poll.
         let headers = message
             .headers()
             .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
-                        name: h.key.to_string(),
-                        value: h.value.map(<[u8]>::to_vec),
-                    })
-                    .collect()
+                let mut headers = Vec::with_capacity(hs.count());
+                headers.extend(hs.iter().map(|h| Header {
+                    name: h.key.to_string(),
+                    value: h.value.map(<[u8]>::to_vec),
+                }));
+                headers
             })
             .unwrap_or_default();
         Record {

@@ -2,8 +2,9 @@
 //! it, with each run's ratio to the bare consumer and the targets.
 //!
 //! Labels the table knows: `bare` (the limit), `sqlite`, `postgres`,
-//! `kafka`, `keys-N` (SQLite with N keys prefilled in the window) and
-//! `steady` (SQLite at a paced input rate).
+//! `kafka`, `keys-N` (SQLite with N keys prefilled in the window),
+//! `keys-N-noscan` (the same without the periodic dedup scan) and `steady`
+//! (SQLite at a paced input rate).
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -48,16 +49,23 @@ impl RunResult {
                 "idem -> SQLite, paced at {:.0}/s",
                 self.offered_rate.unwrap_or(0.0)
             ),
-            other => match prefilled_keys(other) {
-                Some(keys) => format!("idem -> SQLite, {} keys in window", millions(keys)),
+            other => match scale_run(other) {
+                Some((keys, false)) => format!("idem -> SQLite, {} keys in window", millions(keys)),
+                Some((keys, true)) => format!("  same, {}, dedup scan off", millions(keys)),
                 None => other.to_string(),
             },
         }
     }
 }
 
-fn prefilled_keys(label: &str) -> Option<u64> {
-    label.strip_prefix("keys-")?.parse().ok()
+/// `keys-N`: N keys prefilled, idem's defaults; `keys-N-noscan`: the same
+/// with `metrics.dedup_scan_secs = 0`.
+fn scale_run(label: &str) -> Option<(u64, bool)> {
+    let rest = label.strip_prefix("keys-")?;
+    match rest.strip_suffix("-noscan") {
+        Some(keys) => Some((keys.parse().ok()?, true)),
+        None => Some((rest.parse().ok()?, false)),
+    }
 }
 
 fn millions(n: u64) -> String {
@@ -117,7 +125,7 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
     for run in &runs {
         let ratio = match (run.label.as_str(), limit) {
             ("steady", _) | (_, None) => "-".to_string(),
-            (_, Some(limit)) => format!("{:.0}%", 100.0 * run.rate() / limit),
+            (_, Some(limit)) => percent(run.rate() / limit),
         };
         let count = |o: &str| {
             run.outcomes
@@ -153,6 +161,15 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A share as a percentage, with one decimal below 10%.
+fn percent(share: f64) -> String {
+    if share < 0.1 {
+        format!("{:.1}%", 100.0 * share)
+    } else {
+        format!("{:.0}%", 100.0 * share)
+    }
+}
+
 /// The targets, each with the measured figure and met / not met.
 fn targets(runs: &[RunResult], limit: Option<f64>) -> Vec<String> {
     let find = |label: &str| runs.iter().find(|r| r.label == label);
@@ -161,14 +178,17 @@ fn targets(runs: &[RunResult], limit: Option<f64>) -> Vec<String> {
     if let (Some(sqlite), Some(limit)) = (find("sqlite"), limit) {
         let share = sqlite.rate() / limit;
         out.push(format!(
-            "target: idem -> SQLite >= 50% of the bare consumer: {:.0}% ({})",
-            100.0 * share,
+            "target: idem -> SQLite >= 50% of the bare consumer: {} ({})",
+            percent(share),
             verdict(share >= 0.5)
         ));
     }
     let mut scaled: Vec<(u64, &RunResult)> = runs
         .iter()
-        .filter_map(|r| Some((prefilled_keys(&r.label)?, r)))
+        .filter_map(|r| match scale_run(&r.label)? {
+            (keys, false) => Some((keys, r)),
+            (_, true) => None,
+        })
         .collect();
     scaled.sort_by_key(|(keys, _)| *keys);
     if let (Some((few, small)), Some((many, large))) = (scaled.first(), scaled.last()) {
@@ -180,6 +200,17 @@ fn targets(runs: &[RunResult], limit: Option<f64>) -> Vec<String> {
                 millions(*few),
                 100.0 * share,
                 verdict(share >= 0.8)
+            ));
+        }
+        let unscanned = runs
+            .iter()
+            .find(|r| scale_run(&r.label) == Some((*many, true)));
+        if let (Some(unscanned), true) = (unscanned, few < many) {
+            out.push(format!(
+                "  (with metrics.dedup_scan_secs = 0, {} keys give {:.0}% of the rate with {})",
+                millions(*many),
+                100.0 * unscanned.rate() / small.rate(),
+                millions(*few)
             ));
         }
         if let Some(kib) = large.peak_rss_kib {
