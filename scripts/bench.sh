@@ -25,7 +25,8 @@
 #   --rate N           the steady input rate, records/s (20000)
 #   --steady-secs N    how long the steady input lasts (30)
 #   --dir DIR          working directory (a new one under /tmp)
-#   --keep             keep DIR (databases, dedup stores, logs) at the end
+#   --keep             keep DIR (databases, dedup stores, logs) at the end;
+#                      without it only DIR/results.jsonl stays
 #   --idem PATH        measure this idem binary instead of building one
 #                      (to compare two builds)
 #
@@ -56,7 +57,7 @@ while [ $# -gt 0 ]; do
     --dir) dir="$2"; shift ;;
     --keep) keep=1 ;;
     --idem) idem="$2"; shift ;;
-    -h | --help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -77,7 +78,12 @@ results="$dir/results.jsonl"
 cleanup() {
   scripts/kafka.sh stop "$dir/kafka" || true
   scripts/postgres.sh stop "$dir/pg" || true
-  if [ "$keep" = 0 ]; then rm -rf "$dir"; else echo "kept $dir"; fi
+  if [ "$keep" = 0 ]; then
+    find "$dir" -mindepth 1 -maxdepth 1 ! -name results.jsonl -exec rm -rf {} +
+    echo "figures kept in $results"
+  else
+    echo "kept $dir"
+  fi
 }
 trap cleanup EXIT
 
