@@ -24,7 +24,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use crate::config::Config;
 use crate::decode::DeadLetterReason;
-use crate::delivery::{opaque, send_waiting, Deliveries};
+use crate::delivery::{opaque, send_waiting, wait_delivered, Deliveries};
 use crate::fault::{self, Fault};
 use crate::record::Record;
 
@@ -167,7 +167,7 @@ impl DeadLetterProducer {
     }
 
     fn wait(&self) -> Result<(), KafkaError> {
-        self.producer.flush(self.timeout + Duration::from_secs(1))
+        wait_delivered(&self.producer, self.timeout + Duration::from_secs(1))
     }
 
     /// This send's delivery reports: the delivered indexes are returned,

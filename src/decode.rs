@@ -13,6 +13,8 @@
 //! 5. The idempotency key must be present (`missing-key`), UTF-8 and at
 //!    most `limits.max_key_bytes` long (`bad-key`).
 
+use std::cell::RefCell;
+
 use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -64,11 +66,28 @@ impl DeadLetterReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 16]);
 
+/// A buffer larger than this is not kept for the next record, so that one
+/// huge payload does not pin its size for the life of the thread.
+const KEEP_BUFFER_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// The canonical form is only hashed, never kept: one buffer per thread
+    /// serves every record instead of an allocation per record.
+    static CANONICAL: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
+}
+
 impl Fingerprint {
     pub fn of(value: &Value) -> Fingerprint {
-        let mut canonical = Vec::with_capacity(256);
-        write_canonical(value, &mut canonical);
-        Fingerprint(xxh3_128(&canonical).to_be_bytes())
+        CANONICAL.with(|buffer| {
+            let mut canonical = buffer.borrow_mut();
+            canonical.clear();
+            write_canonical(value, &mut canonical);
+            let fingerprint = Fingerprint(xxh3_128(&canonical).to_be_bytes());
+            if canonical.capacity() > KEEP_BUFFER_BYTES {
+                *canonical = Vec::with_capacity(1024);
+            }
+            fingerprint
+        })
     }
 
     pub fn to_hex(self) -> String {
@@ -221,26 +240,28 @@ fn extract_key(
                     format!("`{name}` header is null"),
                 )
             })?;
-            utf8_key(bytes, &format!("`{name}` header"))
+            utf8_key(bytes, || format!("`{name}` header"))
         }
         KeySource::RecordKey {} => {
             let bytes = record
                 .key
                 .as_deref()
                 .ok_or_else(|| invalid(DeadLetterReason::MissingKey, "record key is null"))?;
-            utf8_key(bytes, "record key")
+            utf8_key(bytes, || "record key".to_string())
         }
         KeySource::Pointers { pointers } => pointer_key(body, pointers),
         KeySource::PayloadHash {} => Ok(IdemKey(format!("xxh3:{}", fingerprint.to_hex()))),
     }
 }
 
-fn utf8_key(bytes: &[u8], what: &str) -> Result<IdemKey, Decoded> {
+/// `what` names the key's source in the error; it is only formatted for a
+/// key that is not UTF-8, not for every record.
+fn utf8_key(bytes: &[u8], what: impl FnOnce() -> String) -> Result<IdemKey, Decoded> {
     match std::str::from_utf8(bytes) {
         Ok(s) => Ok(IdemKey(s.to_string())),
         Err(e) => Err(invalid(
             DeadLetterReason::BadKey,
-            format!("{what} is not UTF-8: {e}"),
+            format!("{} is not UTF-8: {e}", what()),
         )),
     }
 }
@@ -285,16 +306,15 @@ fn pointer_key(body: &Value, pointers: &[String]) -> Result<IdemKey, Decoded> {
 pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
             out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, k).expect("writing to a Vec cannot fail");
-                out.push(b':');
-                write_canonical(v, out);
+            // serde_json's own map is sorted already: then the entries are
+            // written as they come, without a sorted copy per object.
+            if map.keys().is_sorted() {
+                write_entries(map.iter(), out);
+            } else {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                write_entries(entries.into_iter(), out);
             }
             out.push(b'}');
         }
@@ -309,6 +329,18 @@ pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             out.push(b']');
         }
         scalar => serde_json::to_writer(&mut *out, scalar).expect("writing to a Vec cannot fail"),
+    }
+}
+
+/// `"key":value` pairs, comma-separated, in the order given.
+fn write_entries<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut Vec<u8>) {
+    for (i, (k, v)) in entries.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, k).expect("writing to a Vec cannot fail");
+        out.push(b':');
+        write_canonical(v, out);
     }
 }
 
@@ -369,6 +401,32 @@ mod tests {
         write_canonical(&a, &mut out);
         assert_eq!(out, br#"{"a":{"x":[{"p":2,"q":1}],"y":1}}"#);
     }
+
+    /// Fingerprints are kept in dedup stores: a change of how they are
+    /// computed would turn every stored key into a conflict. The canonical
+    /// bytes and the hash of this body are pinned here, and a second body
+    /// fingerprinted right after a large one (the reused buffer) must not
+    /// see anything of the first.
+    #[test]
+    fn fingerprints_are_stable_across_versions() {
+        let body = r#"{"qty":5, "id":"ord-7","ver":1,"n":{"b":[1,"x\"y"],"a":null}}"#;
+        let value: Value = serde_json::from_str(body).unwrap();
+        let canonical = br#"{"id":"ord-7","n":{"a":null,"b":[1,"x\"y"]},"qty":5,"ver":1}"#;
+        let mut out = Vec::new();
+        write_canonical(&value, &mut out);
+        assert_eq!(out, canonical);
+        assert_eq!(
+            Fingerprint::of(&value),
+            Fingerprint(xxh3_128(canonical).to_be_bytes())
+        );
+        assert_eq!(Fingerprint::of(&value).to_hex(), PINNED);
+
+        let large: Value = serde_json::json!({ "pad": "x".repeat(200_000) });
+        let _ = Fingerprint::of(&large);
+        assert_eq!(Fingerprint::of(&value).to_hex(), PINNED);
+    }
+
+    const PINNED: &str = "800adaaf9d45cd754d4e7169b8477f9e";
 
     #[test]
     fn header_key_is_used() {

@@ -85,3 +85,28 @@ pub fn send_waiting<C: rdkafka::producer::ProducerContext>(
         }
     }
 }
+
+/// Waits until every record sent through `producer` is acknowledged (or
+/// failed), serving delivery reports as they come. librdkafka's `flush`
+/// in rust-rdkafka polls in 100 ms steps, which would add up to 100 ms to
+/// every batch; this polls in 1 ms steps.
+///
+/// # Errors
+/// [`KafkaError::Flush`] with a timeout when records are still in flight
+/// after `limit`.
+pub fn wait_delivered<C: rdkafka::producer::ProducerContext>(
+    producer: &BaseProducer<C>,
+    limit: Duration,
+) -> Result<(), KafkaError> {
+    use rdkafka::producer::Producer;
+    let deadline = std::time::Instant::now() + limit;
+    while producer.in_flight_count() > 0 {
+        if std::time::Instant::now() >= deadline {
+            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+        }
+        producer.poll(Duration::from_millis(1));
+    }
+    // Reports of the last records may still be queued.
+    producer.poll(Duration::ZERO);
+    Ok(())
+}

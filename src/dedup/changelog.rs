@@ -35,7 +35,7 @@ use super::{
     partition_prefix, DedupKey, DedupStore, Entry, Progress, StoreError, CF_CHANGELOG, CF_DEDUP,
 };
 use crate::config::Config;
-use crate::delivery::{opaque, send_waiting, Deliveries};
+use crate::delivery::{opaque, send_waiting, wait_delivered, Deliveries};
 use crate::record::{Offset, Partition};
 use crate::telemetry::logging::LoggedContext;
 
@@ -211,8 +211,7 @@ impl Changelog {
             r.send(&self.producer, opaque(generation, i))
                 .map_err(|e| ChangelogError::Unavailable(e.to_string()))?;
         }
-        self.producer
-            .flush(self.timeout)
+        wait_delivered(&self.producer, self.timeout)
             .map_err(|e| ChangelogError::Unavailable(format!("not acknowledged: {e}")))?;
         positions(records, self.producer.context().take(generation))
             .map_err(ChangelogError::Unavailable)

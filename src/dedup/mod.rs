@@ -182,6 +182,9 @@ impl DedupStore {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
+        // The progress family is written every batch but never fills a
+        // memtable; without a cap its WAL files would pile up.
+        db_opts.set_max_total_wal_size(64 << 20);
 
         let mut dedup_opts = Options::default();
         let mut table = BlockBasedOptions::default();

@@ -300,6 +300,11 @@ impl DedupScan {
         let thread = (!every.is_zero()).then(|| {
             let stop = stop.clone();
             std::thread::spawn(move || loop {
+                // The first scan waits one interval: a full scan of a large
+                // store at start-up competes with catching up.
+                if stop.sleep(every) {
+                    return;
+                }
                 match store.stats() {
                     Ok(stats) => {
                         metrics.dedup_keys.reset();
@@ -317,9 +322,6 @@ impl DedupScan {
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "dedup store scan failed"),
-                }
-                if stop.sleep(every) {
-                    return;
                 }
             })
         });

@@ -48,7 +48,7 @@ use super::{Sink, SinkError, SinkWrite, TransactionError, Transactional, WriteOu
 use crate::config::{Config, KafkaSinkConfig};
 use crate::dedup::changelog::{block_on_timeout, positions};
 use crate::dedup::{ChangelogRecord, Progress};
-use crate::delivery::{opaque, send_waiting, Deliveries};
+use crate::delivery::{opaque, send_waiting, wait_delivered, Deliveries};
 use crate::fault::{self, Fault, TransactionFault};
 use crate::telemetry::logging::LoggedContext;
 
@@ -180,7 +180,7 @@ impl KafkaSink {
             #[cfg(feature = "failpoints")]
             if i == batch.len() / 2 {
                 // Half the batch is delivered inside the open transaction.
-                let _ = self.producer.flush(self.timeout);
+                let _ = wait_delivered(&self.producer, self.timeout);
                 crate::failpoint::hit("mid-sink-batch");
             }
             let key = match output_key(write, self.key_from.as_deref()) {
@@ -199,7 +199,7 @@ impl KafkaSink {
             }
         }
         if sent > 0 {
-            if let Err(e) = self.producer.flush(self.timeout) {
+            if let Err(e) = wait_delivered(&self.producer, self.timeout) {
                 return Attempt::Failed(Failure::Retry(format!("outputs not acknowledged: {e}")));
             }
         }

@@ -1,8 +1,8 @@
 //! The PostgreSQL sink.
 //!
 //! Why it is idempotent: the same version guard as the SQLite sink, in one
-//! multi-row statement per batch: `INSERT ... VALUES (...), (...) ON
-//! CONFLICT (key) DO UPDATE ... WHERE excluded.version > table.version`
+//! multi-row statement per batch: `INSERT ... SELECT ... FROM unnest(...)
+//! ON CONFLICT (key) DO UPDATE ... WHERE excluded.version > table.version`
 //! (upsert) or `... ON CONFLICT (idempotency key) DO NOTHING` (insert).
 //! PostgreSQL refuses a statement that touches one row twice, so a batch is
 //! first reduced to one row per key: the versions each entity holds are
@@ -23,22 +23,25 @@
 //! Values are bound as text parameters and cast to each column's type, read
 //! from the catalog at start-up; so any column type that accepts a text
 //! literal works (`text`, `bigint`, `numeric`, `jsonb`, `timestamptz` ...).
+//!
+//! Speed: each column travels as one `text[]` parameter that `unnest`
+//! turns back into rows, so the write statement has the same text (and
+//! the same few parameters) for every batch size. It and the version
+//! look-up are prepared once per connection and reused, instead of the
+//! server parsing and planning a statement with thousands of parameters for
+//! every batch.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::Transaction;
 
 use super::table::{plan_upserts, quote, Cell, Row, TableMapping};
 use super::{Sink, SinkError, SinkWrite, WriteOutcome};
 use crate::config::{PostgresSinkConfig, PostgresTls, SinkMode};
 use crate::failpoint;
 use crate::fault::{self, Fault};
-
-/// PostgreSQL takes at most 65,535 parameters in one statement.
-const MAX_PARAMS: usize = 65_535;
 
 pub struct PostgresSink {
     runtime: tokio::runtime::Runtime,
@@ -47,6 +50,10 @@ pub struct PostgresSink {
     /// Each column's type, for the casts.
     types: Vec<String>,
     statement_timeout_ms: u64,
+    /// The write statement, the same for every batch.
+    write_sql: String,
+    /// upsert: reads the versions a batch's entities hold.
+    versions_sql: Option<String>,
 }
 
 fn batch_error(e: &tokio_postgres::Error) -> SinkError {
@@ -109,12 +116,16 @@ impl PostgresSink {
             }
             column_types(&client, &mapping).await
         })?;
+        let write_sql = write_sql(&mapping, &types);
+        let versions_sql = versions_sql(&mapping, &types);
         Ok(PostgresSink {
             runtime,
             pool,
             mapping,
             types,
             statement_timeout_ms: config.statement_timeout_ms,
+            write_sql,
+            versions_sql,
         })
     }
 }
@@ -205,55 +216,58 @@ async fn column_types(
         .collect()
 }
 
+/// `INSERT INTO t (c, ...) SELECT u.c::type, ... FROM unnest($1::text[],
+/// ...) AS u (c, ...) ON CONFLICT ...`: one `text[]` parameter per column,
+/// whatever the number of rows.
+fn write_sql(m: &TableMapping, types: &[String]) -> String {
+    let table = quote(&m.table);
+    let key = quote(&m.key_column);
+    let columns: Vec<String> = m.names.iter().map(|n| quote(n)).collect();
+    let arrays: Vec<String> = (1..=columns.len())
+        .map(|i| format!("${i}::text[]"))
+        .collect();
+    let casts: Vec<String> = columns
+        .iter()
+        .zip(types)
+        .map(|(c, ty)| format!("u.{c}::{ty}"))
+        .collect();
+    let insert = format!(
+        "INSERT INTO {table} ({columns}) SELECT {casts} FROM unnest({arrays}) AS u ({columns})",
+        columns = columns.join(", "),
+        casts = casts.join(", "),
+        arrays = arrays.join(", "),
+    );
+    match &m.version_column {
+        Some(version) => {
+            let v = quote(version);
+            let updates: Vec<String> = columns
+                .iter()
+                .filter(|c| **c != key)
+                .map(|c| format!("{c} = EXCLUDED.{c}"))
+                .collect();
+            format!(
+                "{insert} ON CONFLICT ({key}) DO UPDATE SET {} \
+                 WHERE EXCLUDED.{v}::bigint > {table}.{v}::bigint RETURNING {key}::text",
+                updates.join(", ")
+            )
+        }
+        None => format!("{insert} ON CONFLICT ({key}) DO NOTHING RETURNING {key}::text"),
+    }
+}
+
+/// upsert: the versions held by a list of keys.
+fn versions_sql(m: &TableMapping, types: &[String]) -> Option<String> {
+    let version = m.version_column.as_ref()?;
+    Some(format!(
+        "SELECT {k}::text, {v}::bigint FROM {t} WHERE {k} = ANY($1::text[]::{key_type}[])",
+        k = quote(&m.key_column),
+        v = quote(version),
+        t = quote(&m.table),
+        key_type = types[m.key_index],
+    ))
+}
+
 impl PostgresSink {
-    /// `($1::text::type, ...), (...)` for `rows` rows.
-    fn values_sql(&self, rows: usize) -> String {
-        let width = self.mapping.names.len();
-        let mut out = String::with_capacity(rows * width * 16);
-        for r in 0..rows {
-            if r > 0 {
-                out.push_str(", ");
-            }
-            out.push('(');
-            for (c, ty) in self.types.iter().enumerate() {
-                if c > 0 {
-                    out.push_str(", ");
-                }
-                out.push_str(&format!("${}::text::{ty}", r * width + c + 1));
-            }
-            out.push(')');
-        }
-        out
-    }
-
-    fn write_sql(&self, rows: usize) -> String {
-        let m = &self.mapping;
-        let table = quote(&m.table);
-        let key = quote(&m.key_column);
-        let columns: Vec<String> = m.names.iter().map(|n| quote(n)).collect();
-        let insert = format!(
-            "INSERT INTO {table} ({}) VALUES {}",
-            columns.join(", "),
-            self.values_sql(rows)
-        );
-        match &m.version_column {
-            Some(version) => {
-                let v = quote(version);
-                let updates: Vec<String> = columns
-                    .iter()
-                    .filter(|c| **c != key)
-                    .map(|c| format!("{c} = EXCLUDED.{c}"))
-                    .collect();
-                format!(
-                    "{insert} ON CONFLICT ({key}) DO UPDATE SET {} \
-                     WHERE EXCLUDED.{v}::bigint > {table}.{v}::bigint RETURNING {key}::text",
-                    updates.join(", ")
-                )
-            }
-            None => format!("{insert} ON CONFLICT ({key}) DO NOTHING RETURNING {key}::text"),
-        }
-    }
-
     /// The text a cell binds as, for its column's type.
     fn param(&self, column: usize, cell: &Cell) -> Option<String> {
         if self.types[column].starts_with("json") {
@@ -275,28 +289,20 @@ impl PostgresSink {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let width = self.mapping.names.len();
-        if rows.len() * width > MAX_PARAMS {
-            let (a, b) = rows.split_at(rows.len() / 2);
-            let mut changed = Box::pin(self.write_rows(tx, a, rejected)).await?;
-            changed.extend(Box::pin(self.write_rows(tx, b, rejected)).await?);
-            return Ok(changed);
-        }
-        let params: Vec<Option<String>> = rows
-            .iter()
-            .flat_map(|(_, row)| {
-                row.cells
-                    .iter()
-                    .enumerate()
-                    .map(|(c, cell)| self.param(c, cell))
+        // Column by column: the i-th array holds the i-th cell of every row.
+        let columns: Vec<Vec<Option<String>>> = (0..self.mapping.names.len())
+            .map(|c| {
+                rows.iter()
+                    .map(|(_, row)| self.param(c, &row.cells[c]))
+                    .collect()
             })
             .collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let sql = self.write_sql(rows.len());
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
 
         let savepoint = tx.savepoint("idem_rows").await?;
-        match savepoint.query(&sql, &refs).await {
+        let statement = savepoint.prepare_cached(&self.write_sql).await?;
+        match savepoint.query(&statement, &refs).await {
             Ok(returned) => {
                 savepoint.commit().await?;
                 Ok(returned.iter().map(|r| r.get::<_, String>(0)).collect())
@@ -326,16 +332,9 @@ impl PostgresSink {
         tx: &Transaction<'_>,
         keys: Vec<String>,
     ) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
-        let m = &self.mapping;
-        let version = m.version_column.as_ref().expect("upsert");
-        let key_type = &self.types[m.key_index];
-        let sql = format!(
-            "SELECT {k}::text, {v}::bigint FROM {t} WHERE {k} = ANY($1::text[]::{key_type}[])",
-            k = quote(&m.key_column),
-            v = quote(version),
-            t = quote(&m.table),
-        );
-        let rows = tx.query(&sql, &[&keys]).await?;
+        let sql = self.versions_sql.as_deref().expect("upsert");
+        let statement = tx.prepare_cached(sql).await?;
+        let rows = tx.query(&statement, &[&keys]).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
