@@ -435,6 +435,12 @@ impl Config {
                 return Err(invalid("sink.path", "must differ from dedup.path"));
             }
         }
+        if self.dedup.sweep_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "dedup.sweep_interval",
+                "must be at least 1s (each sweep scans the owned partitions' keys), e.g. \"10m\"",
+            ));
+        }
         if self.dedup.window.is_zero() {
             return Err(invalid(
                 "dedup.window",

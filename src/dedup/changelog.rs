@@ -86,19 +86,34 @@ pub enum ChangelogError {
     Misconfigured(String),
 }
 
-/// The changelog topic of an input topic for a group. Characters Kafka
-/// does not allow in topic names become `_`.
+/// The changelog topic of an input topic for a group:
+/// `<group>.<topic>.dedup-changelog.<hash>`, where characters Kafka does
+/// not allow become `_`, long names are cut, and the hash of the exact
+/// group and topic keeps two pairs that read alike (`a.b` + `c`, `a` +
+/// `b.c`) apart.
 pub fn topic_name(group: &str, input: &str) -> String {
-    format!("{group}.{input}.dedup-changelog")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(100)
+            .collect()
+    };
+    let mut exact = Vec::with_capacity(group.len() + input.len() + 1);
+    exact.extend_from_slice(group.as_bytes());
+    exact.push(0);
+    exact.extend_from_slice(input.as_bytes());
+    let hash = xxhash_rust::xxh3::xxh3_64(&exact) as u32;
+    format!(
+        "{}.{}.dedup-changelog.{hash:08x}",
+        clean(group),
+        clean(input)
+    )
 }
 
 /// Writes to the changelog topics and reads them back.
@@ -391,7 +406,7 @@ fn ensure_topic(
         Some(n) if n != wanted => Err(ChangelogError::Misconfigured(format!(
             "{changelog} has {n} partitions but {input} has {wanted}; the changelog must have \
              the input's partition count: delete it so that idem creates it again \
-             (dedup state then rebuilds from local stores only)"
+             (the dedup state it holds is lost; each instance keeps its local store)"
         ))),
         Some(_) => {
             // A broker answers in milliseconds; the embedded mock cluster
@@ -413,12 +428,15 @@ fn ensure_topic(
                 .and_then(Result::ok)
                 .and_then(|r| r.get("cleanup.policy").and_then(|e| e.value.clone()))
                 .unwrap_or_default();
-            if policy.split(',').any(|p| p.trim() == "compact") {
+            // compact,delete would drop dedup records by age, inside the
+            // window.
+            if policy.trim() == "compact" {
                 Ok(())
             } else {
                 Err(ChangelogError::Misconfigured(format!(
-                    "{changelog} has cleanup.policy={policy}; it must be compact, or it would \
-                     lose or keep dedup records for ever: set cleanup.policy=compact on it"
+                    "{changelog} has cleanup.policy={policy}; it must be exactly compact (delete \
+                     would drop dedup records inside the window; without compact it grows for \
+                     ever): set cleanup.policy=compact on it"
                 )))
             }
         }
@@ -540,11 +558,16 @@ mod tests {
 
     #[test]
     fn topic_names_keep_to_kafkas_characters() {
-        assert_eq!(
-            topic_name("orders-idem", "orders.v1"),
-            "orders-idem.orders.v1.dedup-changelog"
+        let name = topic_name("orders-idem", "orders.v1");
+        assert!(
+            name.starts_with("orders-idem.orders.v1.dedup-changelog."),
+            "{name}"
         );
-        assert_eq!(topic_name("g/1 x", "t"), "g_1_x.t.dedup-changelog");
+        assert!(topic_name("g/1 x", "t").starts_with("g_1_x.t.dedup-changelog."));
+        // Pairs that read alike get topics of their own.
+        assert_ne!(topic_name("e13.p", "q"), topic_name("e13", "p.q"));
+        assert_ne!(topic_name("g/1", "t"), topic_name("g_1", "t"));
+        assert!(topic_name(&"g".repeat(300), &"t".repeat(300)).len() <= 249);
     }
 
     fn record(input: &str, partition: i32) -> ChangelogRecord {

@@ -10,9 +10,11 @@
 //! transaction keeps the records, an aborted one removes them and puts the
 //! stored progress back.
 //!
-//! The journal of the last committed batch stays in place (clearing it
-//! would cost a synced write per batch); settling it again finds the
-//! group's offsets at or past it and keeps it.
+//! After a commit the journal is cleared with an unsynced write, so that a
+//! journal found at start-up stands for a transaction in doubt; a journal
+//! whose partitions have no committed offset at all (the group's offsets
+//! deleted or expired) is settled as aborted: the batch is produced again
+//! rather than lost.
 
 use rocksdb::{WriteBatch, WriteOptions};
 
@@ -166,6 +168,17 @@ impl DedupStore {
             }
         }
         self.write_synced(batch)
+    }
+
+    /// Forgets the journal of a batch whose transaction committed. Not
+    /// synced: should a power loss undo it, the next start finds the
+    /// group's offsets past the batch and keeps its records anyway.
+    ///
+    /// # Errors
+    /// A RocksDB write error.
+    pub fn clear_journal(&self) -> Result<(), StoreError> {
+        self.db.delete_cf(&self.cf(CF_PROGRESS), JOURNAL_KEY)?;
+        Ok(())
     }
 
     pub(super) fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {

@@ -542,6 +542,10 @@ impl BatchProcessor {
             .expect("called for transactional sinks only");
         match txn.commit(progress, &group, changelog) {
             Ok(positions) => {
+                if let Err(e) = self.store.clear_journal() {
+                    // Harmless: the next start settles it as committed.
+                    tracing::warn!(error = %e, "cannot clear the transaction journal");
+                }
                 self.metrics
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());

@@ -262,9 +262,22 @@ impl ConsumerContext for IdemContext {
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                // librdkafka keeps a partition's pause across a revoke and
+                // a new assignment: a partition paused while the sink was
+                // down, taken away and given back, would stay paused. New
+                // partitions follow the current state instead.
+                let sink_down = self.engine().retry_at.is_some();
+                let set = if sink_down {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(e) = set {
+                    warn!(error = %e, "cannot set the pause of newly assigned partitions");
+                }
                 self.readiness.set_assigned(true);
                 Telemetry::PartitionsAssigned {
                     partitions: &describe(tpl),

@@ -250,10 +250,12 @@ impl KafkaSink {
         }
         self.open = false;
         if let Err(e) = self.producer.abort_transaction(self.timeout) {
-            // A failed abort leaves the transaction to the broker's
-            // timeout; a fatal one ends this producer.
-            let failure = self.note(transaction_failure(&e));
-            tracing::warn!(error = %e, ?failure, "kafka sink: abort failed");
+            // librdkafka would want the same call again until it ends;
+            // rather than guess, this producer is done: idem stops with an
+            // error, and its next start's init_transactions aborts the
+            // transaction and settles the journal.
+            tracing::error!(error = %e, "kafka sink: abort failed; stopping");
+            self.fatal = Some(format!("abort failed: {e}"));
         }
         self.producer.context().clear();
     }
@@ -449,6 +451,13 @@ impl Transactional for KafkaSink {
                     Failure::Retry(why) if tries < 5 => {
                         tries += 1;
                         tracing::warn!(error = %why, "kafka sink: commit not finished; calling it again");
+                    }
+                    // Still not finished: stop rather than leave a
+                    // transaction half-ended (see abort_open).
+                    Failure::Retry(why) => {
+                        let why = format!("commit did not finish after {tries} retries: {why}");
+                        self.fatal = Some(why.clone());
+                        return Err(TransactionError::Fatal(why));
                     }
                     failure => return Err(fail(self, failure)),
                 },

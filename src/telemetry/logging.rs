@@ -51,7 +51,11 @@ impl rdkafka::ClientContext for LoggedContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
             tracing::warn!(target: "librdkafka", %error, reason, "client error");
         }
     }
