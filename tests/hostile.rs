@@ -11,12 +11,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_char, c_void, CStr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{
-    bootstrap, create_topic_with, end_offsets, http_get, read_all, unique, wait_for, Fixture, Mode,
+    bootstrap, create_topic_with, end_offsets, read_all, unique, wait_for, Binary, Fixture, Mode,
 };
 use rdkafka::bindings as rd;
 use rdkafka::config::ClientConfig;
@@ -630,86 +629,9 @@ fn produce(topics: &Topics, cases: &[Case]) {
     producer.flush(Duration::from_secs(60)).expect("flush");
 }
 
-/// The real binary, its stderr kept in a file to scan.
-struct Idem {
-    child: Child,
-    port: u16,
-    stderr: PathBuf,
-}
-
-impl Idem {
-    fn start(config: &Path, stderr: &Path) -> Idem {
-        let text = std::fs::read_to_string(config).unwrap();
-        let port = text
-            .lines()
-            .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:"))
-            .and_then(|rest| rest.trim_end_matches('"').parse().ok())
-            .expect("config has a metrics.listen line");
-        let child = Command::new(env!("CARGO_BIN_EXE_idem"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .env_remove("IDEM_CRASH_AT")
-            .env_remove("IDEM_STALL_AT")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(stderr).unwrap())
-            .spawn()
-            .expect("spawning idem");
-        Idem {
-            child,
-            port,
-            stderr: stderr.to_path_buf(),
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap()).into_owned()
-    }
-
-    /// A metric summed over the series whose labels contain `label`.
-    fn metric(&self, name: &str, label: &str) -> Option<u64> {
-        let text = http_get(self.port, "/metrics")?;
-        Some(
-            text.lines()
-                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-                .filter(|l| l.contains(label))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>() as u64,
-        )
-    }
-
-    /// SIGTERM, then the exit status (within a minute).
-    fn stop(&mut self) -> ExitStatus {
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "idem did not stop within 60 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Idem {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Waits until the group committed the end of every partition, while the
 /// process stays up.
-fn wait_committed_to_end(idem: &mut Idem, topics: &Topics) {
+fn wait_committed_to_end(idem: &mut Binary, topics: &Topics) {
     let ends = topics.ends();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -743,7 +665,7 @@ fn wait_committed_to_end(idem: &mut Idem, topics: &Topics) {
     }
 }
 
-fn assert_no_panic(idem: &Idem) {
+fn assert_no_panic(idem: &Binary) {
     let stderr = idem.stderr();
     assert!(!stderr.contains("panicked"), "idem panicked:\n{stderr}");
 }
@@ -759,12 +681,12 @@ fn hostile_corpus_is_applied_or_dead_lettered_and_never_blocks() {
     produce(&topics, &cases);
     let config = topics.config();
     let stderr = topics.f.dir.path().join("idem.stderr");
-    let mut idem = Idem::start(&config, &stderr);
+    let mut idem = Binary::start_logged(&config, "warn", &stderr);
 
     wait_committed_to_end(&mut idem, &topics);
     let total = cases.len() as u64;
     wait_for(Duration::from_secs(30), "records counted", || {
-        idem.metric("idem_records_read_total", "") == Some(total)
+        idem.metric("idem_records_read_total", None) == Some(total)
     });
     assert!(idem.alive(), "idem exited:\n{}", idem.stderr());
 
@@ -784,7 +706,10 @@ fn hostile_corpus_is_applied_or_dead_lettered_and_never_blocks() {
     let mut sum = 0;
     for (outcome, n) in expected {
         let got = idem
-            .metric("idem_records_total", &format!("outcome=\"{outcome}\""))
+            .metric(
+                "idem_records_total",
+                Some(&format!("outcome=\"{outcome}\"")),
+            )
             .unwrap();
         assert_eq!(got, n, "records counted {outcome}");
         sum += got;
@@ -819,26 +744,29 @@ fn hostile_corpus_is_applied_or_dead_lettered_and_never_blocks() {
         )
     });
     assert_eq!(
-        idem.metric("idem_dead_letters_total", "").unwrap(),
+        idem.metric("idem_dead_letters_total", None).unwrap(),
         dead,
         "idem_dead_letters_total"
     );
-    assert_eq!(idem.metric("idem_dead_letter_failures_total", ""), Some(0));
+    assert_eq!(
+        idem.metric("idem_dead_letter_failures_total", None),
+        Some(0)
+    );
     assert_no_panic(&idem);
     assert!(idem.stop().success(), "{}", idem.stderr());
 
     // A restart reads nothing again and dead-letters nothing twice.
-    let mut idem = Idem::start(&config, &stderr);
+    let mut idem = Binary::start_logged(&config, "warn", &stderr);
     let more = vec![case("after-restart", Some(order("after-restart")))
         .idem(b"after-restart")
         .expect(Expect::Applied("after-restart"))];
     produce(&topics, &more);
     wait_committed_to_end(&mut idem, &topics);
     wait_for(Duration::from_secs(30), "the new record counted", || {
-        idem.metric("idem_records_read_total", "") == Some(1)
+        idem.metric("idem_records_read_total", None) == Some(1)
     });
     assert_eq!(
-        idem.metric("idem_records_total", "outcome=\"applied\""),
+        idem.metric("idem_records_total", Some("outcome=\"applied\"")),
         Some(1)
     );
     assert_eq!(read_all(&topics.f.dead_letter_topic, 1).len() as u64, dead);
@@ -962,13 +890,13 @@ fn header_name_not_utf8_does_not_stop_idem() {
     ];
     produce(&topics, &cases);
     let config = topics.config();
-    let mut idem = Idem::start(&config, &topics.f.dir.path().join("idem.stderr"));
+    let mut idem = Binary::start_logged(&config, "warn", &topics.f.dir.path().join("idem.stderr"));
     wait_committed_to_end(&mut idem, &topics);
     wait_for(Duration::from_secs(30), "records counted", || {
-        idem.metric("idem_records_read_total", "") == Some(3)
+        idem.metric("idem_records_read_total", None) == Some(3)
     });
     assert_eq!(
-        idem.metric("idem_records_total", "outcome=\"applied\""),
+        idem.metric("idem_records_total", Some("outcome=\"applied\"")),
         Some(2)
     );
     check_dead_letters(&topics, &cases);

@@ -11,12 +11,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    bootstrap, committed, header, http_get, produce, read_all, wait_for, Fixture, Mode, Rec,
+    bootstrap, committed, header, http_get, produce, read_all, wait_for, Binary, Fixture, Mode, Rec,
 };
 use rdkafka::Message;
 
@@ -73,74 +73,6 @@ fn sasl_config(f: &Fixture, user: &str, password: &str) -> PathBuf {
     f.write_text(&text)
 }
 
-/// The real binary, its stderr kept in a file to scan.
-struct Idem {
-    child: Child,
-    port: u16,
-    stderr: PathBuf,
-}
-
-impl Idem {
-    fn start(config: &Path, stderr: &Path) -> Idem {
-        let text = std::fs::read_to_string(config).unwrap();
-        let port = text
-            .lines()
-            .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:"))
-            .and_then(|rest| rest.trim_end_matches('"').parse().ok())
-            .expect("config has a metrics.listen line");
-        let child = Command::new(env!("CARGO_BIN_EXE_idem"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "debug")
-            .env_remove("IDEM_CRASH_AT")
-            .env_remove("IDEM_STALL_AT")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(stderr).unwrap())
-            .spawn()
-            .expect("spawning idem");
-        Idem {
-            child,
-            port,
-            stderr: stderr.to_path_buf(),
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap()).into_owned()
-    }
-
-    /// SIGTERM, then the exit status; panics if idem takes over `limit`.
-    fn stop(&mut self, limit: Duration) -> ExitStatus {
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "idem did not stop within {limit:?} of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Idem {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn idem(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_idem"))
         .args(args)
@@ -184,7 +116,7 @@ fn consumes_and_dead_letters_through_sasl_scram() {
         ],
     );
     let config = sasl_config(&f, &s.user, &s.password);
-    let mut run = Idem::start(&config, &f.dir.path().join("idem.stderr"));
+    let mut run = Binary::start_logged(&config, "debug", &f.dir.path().join("idem.stderr"));
 
     let deadline = Instant::now() + Duration::from_secs(90);
     while f.committed() != [3, 1] {
@@ -196,9 +128,9 @@ fn consumes_and_dead_letters_through_sasl_scram() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let ready = http_get(run.port, "/readyz").unwrap_or_default();
+    let ready = http_get(run.metrics_port, "/readyz").unwrap_or_default();
     assert_eq!(ready.trim(), "ready");
-    assert!(run.stop(Duration::from_secs(60)).success());
+    assert!(run.stop_within(Duration::from_secs(60)).success());
 
     let rows = f.rows();
     assert_eq!(rows.len(), 3, "{rows:?}");
@@ -235,7 +167,7 @@ fn wrong_password_fails_clearly_and_never_hangs() {
     produce(&f.topic, &[Rec::order(0, "W1", "ord-1", 1, 1)]);
     let wrong = format!("{}Wrong", s.password);
     let config = sasl_config(&f, &s.user, &wrong);
-    let mut run = Idem::start(&config, &f.dir.path().join("idem.stderr"));
+    let mut run = Binary::start_logged(&config, "debug", &f.dir.path().join("idem.stderr"));
 
     wait_for(
         Duration::from_secs(30),
@@ -249,11 +181,11 @@ fn wrong_password_fails_clearly_and_never_hangs() {
         },
     );
     assert!(run.alive(), "{}", run.stderr());
-    let ready = http_get(run.port, "/readyz").unwrap_or_default();
+    let ready = http_get(run.metrics_port, "/readyz").unwrap_or_default();
     assert!(ready.contains("not ready"), "{ready}");
     assert_eq!(committed(&f.group, &f.topic, 2), vec![-1, -1]);
     let started = Instant::now();
-    let status = run.stop(Duration::from_secs(30));
+    let status = run.stop_within(Duration::from_secs(30));
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "stopping took {:?}",

@@ -468,12 +468,7 @@ impl DedupStore {
         topic: &str,
         partition: Partition,
     ) -> Result<Option<Offset>, StoreError> {
-        let bytes = self
-            .db
-            .get_cf(&self.cf(CF_CHANGELOG), partition_prefix(topic, partition))?;
-        Ok(bytes
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map(|b| Offset(i64::from_be_bytes(b))))
+        self.stored_offset(CF_CHANGELOG, topic, partition)
     }
 
     /// Applies changelog records read back from Kafka (entries put,

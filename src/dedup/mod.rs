@@ -335,12 +335,22 @@ impl DedupStore {
         topic: &str,
         partition: Partition,
     ) -> Result<Option<Offset>, StoreError> {
+        self.stored_offset(CF_PROGRESS, topic, partition)
+    }
+
+    /// An offset stored under a partition's key in a column family.
+    fn stored_offset(
+        &self,
+        cf: &str,
+        topic: &str,
+        partition: Partition,
+    ) -> Result<Option<Offset>, StoreError> {
         let bytes = self
             .db
-            .get_cf(&self.cf(CF_PROGRESS), partition_prefix(topic, partition))?;
+            .get_cf(&self.cf(cf), partition_prefix(topic, partition))?;
         Ok(bytes
-            .and_then(|b| b.as_slice().try_into().ok())
-            .map(|b: [u8; 8]| Offset(i64::from_be_bytes(b))))
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(|b| Offset(i64::from_be_bytes(b))))
     }
 
     /// Compacts the whole dedup column family now, running the expiry

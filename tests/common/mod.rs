@@ -643,6 +643,8 @@ pub fn assert_outcomes_add_up(metrics: &Metrics) {
 pub struct Binary {
     pub child: Child,
     pub metrics_port: u16,
+    /// Where its stderr goes, when kept to be read.
+    stderr: Option<PathBuf>,
 }
 
 impl Binary {
@@ -655,6 +657,16 @@ impl Binary {
 
     /// Starts idem with these extra environment variables (failpoints).
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Binary {
+        Binary::spawn(config, env, None)
+    }
+
+    /// Starts idem logging at `rust_log` into the file `stderr`, to be
+    /// read with [`Binary::stderr`].
+    pub fn start_logged(config: &Path, rust_log: &str, stderr: &Path) -> Binary {
+        Binary::spawn(config, &[("RUST_LOG", rust_log)], Some(stderr))
+    }
+
+    fn spawn(config: &Path, env: &[(&str, &str)], stderr: Option<&Path>) -> Binary {
         let text = std::fs::read_to_string(config).unwrap();
         let port: u16 = text
             .lines()
@@ -670,7 +682,10 @@ impl Binary {
                 std::env::var("IDEM_TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(match stderr {
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None => Stdio::inherit(),
+            });
         cmd.env_remove("IDEM_CRASH_AT").env_remove("IDEM_STALL_AT");
         for (k, v) in env {
             cmd.env(k, v);
@@ -678,7 +693,18 @@ impl Binary {
         Binary {
             child: cmd.spawn().expect("spawning idem"),
             metrics_port: port,
+            stderr: stderr.map(Path::to_path_buf),
         }
+    }
+
+    /// What it has logged so far (started with [`Binary::start_logged`]).
+    pub fn stderr(&self) -> String {
+        let path = self.stderr.as_ref().expect("started with start_logged");
+        String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     pub fn wait(&mut self, limit: Duration) -> ExitStatus {
@@ -702,11 +728,16 @@ impl Binary {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_within(Duration::from_secs(60))
+    }
+
+    /// SIGTERM; panics if idem takes longer than `limit` to exit.
+    pub fn stop_within(&mut self, limit: Duration) -> ExitStatus {
         // SAFETY: signalling our own child process.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
-        self.wait(Duration::from_secs(60))
+        self.wait(limit)
     }
 
     /// A metric's value summed over its series; None while the server is
