@@ -190,7 +190,7 @@ fn uses_reserved_number_key(text: &[u8]) -> bool {
     let token = RESERVED_NUMBER_KEY.as_bytes();
     // The token has no character that a short escape (`\n`, `\/`...)
     // writes, so it can only be spelt out or contain `\u` escapes.
-    let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    let has = |needle: &[u8]| memchr::memmem::find(text, needle).is_some();
     if !has(token) && !has(b"\\u") {
         return false;
     }

@@ -10,6 +10,8 @@
 //!   group's committed offsets reach the end of the topic.
 //! - [`prefill`]: fills a dedup store with synthetic keys, for the runs
 //!   with millions of keys already in the window.
+//! - [`sink_limit`]: the SQLite sink alone, with no Kafka: the ceiling of
+//!   idem into SQLite on this machine.
 //! - [`scrape`]: reads idem's Prometheus text and interpolates quantiles.
 //! - [`report`]: the table, with the ratio to the limit and the targets.
 //!
@@ -21,6 +23,7 @@ mod measure;
 mod prefill;
 mod report;
 mod scrape;
+mod sink_limit;
 mod workload;
 
 use std::path::PathBuf;
@@ -67,6 +70,21 @@ enum Command {
     Measure(Box<measure::MeasureArgs>),
     /// Fills a dedup store with synthetic keys of a topic's partitions.
     Prefill(Box<prefill::PrefillArgs>),
+    /// Applies the workload's new records with idem's SQLite sink alone.
+    SinkLimit {
+        #[command(flatten)]
+        workload: workload::Shape,
+        /// Where the SQLite file goes.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Records per transaction.
+        #[arg(long, default_value_t = 5000)]
+        batch: usize,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Prints the table of a results file.
     Report { results: PathBuf },
 }
@@ -103,6 +121,16 @@ fn main() -> anyhow::Result<()> {
             report::append(&args.out, &result)
         }
         Command::Prefill(args) => prefill::run(&args),
+        Command::SinkLimit {
+            workload,
+            dir,
+            batch,
+            label,
+            out,
+        } => {
+            let result = sink_limit::run(&workload, &dir, batch, &label)?;
+            report::append(&out, &result)
+        }
         Command::Report { results } => report::print(&results),
     }
 }

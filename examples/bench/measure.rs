@@ -179,15 +179,29 @@ pub fn run(args: &MeasureArgs) -> anyhow::Result<RunResult> {
             result.outcomes.insert(outcome.to_string(), n as u64);
         }
     }
-    for (step, histogram) in [
-        ("batch", "idem_batch_seconds"),
-        ("sink", "idem_sink_write_seconds"),
-        ("commit", "idem_commit_seconds"),
-    ] {
-        let count = scrape::sum(&samples, &format!("{histogram}_count"), "");
-        if count > 0.0 {
-            let total = scrape::sum(&samples, &format!("{histogram}_sum"), "");
-            result.mean_ms.insert(step.to_string(), 1e3 * total / count);
+    let batch_count = scrape::sum(&samples, "idem_batch_seconds_count", "");
+    if batch_count > 0.0 {
+        let total = scrape::sum(&samples, "idem_batch_seconds_sum", "");
+        result
+            .mean_ms
+            .insert("batch".to_string(), 1e3 * total / batch_count);
+        // Each step's total over every batch, per committed batch: what the
+        // step adds to a batch on average, retries included.
+        for step in [
+            "classify",
+            "sink",
+            "dead_letter",
+            "changelog",
+            "store",
+            "commit",
+        ] {
+            let label = format!("step=\"{step}\"");
+            let total = scrape::sum(&samples, "idem_batch_step_seconds_sum", &label);
+            if total > 0.0 {
+                result
+                    .mean_ms
+                    .insert(step.to_string(), 1e3 * total / batch_count);
+            }
         }
     }
     if let Some(p) = produced {

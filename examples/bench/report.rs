@@ -2,7 +2,8 @@
 //! it, with each run's ratio to the bare consumer and the issue's targets.
 //!
 //! Labels the table knows: `bare` (the limit), `sqlite`, `postgres`,
-//! `kafka`, `keys-N` (SQLite with N keys prefilled in the window),
+//! `kafka`, `sqlite-sink-only` (idem's SQLite sink with no Kafka, the
+//! ceiling of idem into SQLite), `keys-N` (SQLite with N keys prefilled in the window),
 //! `keys-N-noscan` (the same without the periodic dedup scan) and `steady`
 //! (SQLite at a paced input rate).
 
@@ -43,6 +44,7 @@ impl RunResult {
         match self.label.as_str() {
             "bare" => "bare consumer (the limit)".to_string(),
             "sqlite" => "idem -> SQLite".to_string(),
+            "sqlite-sink-only" => "SQLite sink alone, no Kafka (its ceiling)".to_string(),
             "postgres" => "idem -> PostgreSQL".to_string(),
             "kafka" => "idem -> Kafka topic".to_string(),
             "steady" => format!(
@@ -182,6 +184,13 @@ fn targets(runs: &[RunResult], limit: Option<f64>) -> Vec<String> {
             percent(share),
             verdict(share >= 0.5)
         ));
+        if let Some(ceiling) = find("sqlite-sink-only") {
+            out.push(format!(
+                "  (the SQLite sink alone, with no Kafka and no dedup, reaches {} of the bare \
+                 consumer: the most idem into SQLite could reach on this machine)",
+                percent(ceiling.rate() / limit)
+            ));
+        }
     }
     let mut scaled: Vec<(u64, &RunResult)> = runs
         .iter()

@@ -177,7 +177,7 @@ pub struct BatchConfig {
 }
 
 fn default_max_records() -> usize {
-    1000
+    5000
 }
 fn default_max_bytes() -> usize {
     8 << 20
@@ -723,7 +723,7 @@ topic = "orders.v1.dlq"
         let config = parse(GOOD).unwrap();
         assert_eq!(config.dedup.window, Duration::from_secs(7 * 86_400));
         assert_eq!(config.topics[0].key, KeySource::default());
-        assert_eq!(config.batch.max_records, 1000);
+        assert_eq!(config.batch.max_records, 5000);
         let SinkConfig::Sqlite(sqlite) = &config.sink else {
             panic!("the test config uses SQLite");
         };

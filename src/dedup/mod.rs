@@ -193,6 +193,10 @@ impl DedupStore {
         table.set_bloom_filter(10.0, false);
         table.set_cache_index_and_filter_blocks(true);
         dedup_opts.set_block_based_table_factory(&table);
+        // The same for the memtable, where the newest keys are: a miss
+        // there otherwise walks the skip list.
+        dedup_opts.set_memtable_whole_key_filtering(true);
+        dedup_opts.set_memtable_prefix_bloom_ratio(0.1);
         dedup_opts.set_compression_type(DBCompressionType::Lz4);
         let filter_clock = Arc::clone(&clock);
         dedup_opts.set_compaction_filter("idem-window-expiry", move |_level, _key, value| {

@@ -48,11 +48,13 @@ use crate::telemetry::{Metrics, Readiness};
 /// Commits offsets to Kafka. A trait so that the write path can be driven
 /// by the consumer loop and by the rebalance callback alike.
 pub trait OffsetCommitter {
-    /// Commits each partition's next offset, synchronously.
+    /// Commits each partition's next offset. With `wait`, synchronously;
+    /// otherwise the request is sent and its result comes back through
+    /// the consumer's commit callback.
     ///
     /// # Errors
-    /// The broker's refusal, as text.
-    fn commit(&self, offsets: &[Progress]) -> Result<(), String>;
+    /// The broker's refusal (or, without `wait`, the client's), as text.
+    fn commit(&self, offsets: &[Progress], wait: bool) -> Result<(), String>;
 
     /// The consumer group's metadata, for a transactional sink that
     /// commits the offsets itself.
@@ -119,6 +121,9 @@ pub struct BatchProcessor {
     changelog_positions: Vec<Progress>,
     /// Backoff of the sink's failed writes, across tries of a batch.
     sink_backoff: Backoff,
+    /// Offsets committed without waiting, and not yet confirmed by a
+    /// synchronous commit (see [`BatchProcessor::confirm_commits`]).
+    unconfirmed: BTreeMap<(String, Partition), Offset>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     crash: Arc<CrashPlan>,
@@ -152,6 +157,7 @@ impl BatchProcessor {
             changelog,
             changelog_positions: Vec::new(),
             sink_backoff: Backoff::new(config.retry),
+            unconfirmed: BTreeMap::new(),
             metrics,
             readiness,
             crash,
@@ -219,7 +225,9 @@ impl BatchProcessor {
         let ranges = describe_ranges(records);
         let _span = debug_span!("batch", records = records.len(), ranges = %ranges).entered();
 
+        let mut step = Instant::now();
         let plans = self.classify(records)?;
+        self.step_done("classify", &mut step);
 
         // Step 4: the sink, before anything that says "done".
         let writes: Vec<(usize, SinkWrite<'_>)> = plans
@@ -231,6 +239,7 @@ impl BatchProcessor {
             })
             .collect();
         let sink_outcomes = self.apply_to_sink(&writes)?;
+        self.step_done("sink", &mut step);
         self.crash.check("after-sink-write")?;
 
         // Step 5: dead letters, acknowledged before the offsets move.
@@ -281,6 +290,7 @@ impl BatchProcessor {
             });
         }
         self.send_dead_letters(&letters)?;
+        self.step_done("dead_letter", &mut step);
         self.crash.check("after-dead-letter")?;
 
         // Step 6: dedup records and progress, one synced write.
@@ -311,8 +321,10 @@ impl BatchProcessor {
         let mut positions = std::mem::take(&mut self.changelog_positions);
         if !transactional {
             positions.extend(self.send_changelog(&changelog)?);
+            self.step_done("changelog", &mut step);
         }
         self.write_store(&entries, &progress, &positions, transactional)?;
+        self.step_done("store", &mut step);
         self.crash.check("after-dedup-write")?;
 
         // Step 7: the commit, last; by the sink's transaction if it has one.
@@ -321,17 +333,9 @@ impl BatchProcessor {
         } else {
             self.commit_offsets(committer, &progress);
         }
+        self.step_done("commit", &mut step);
 
-        for (record, outcome) in records.iter().zip(&outcomes) {
-            self.metrics
-                .records_read
-                .with_label_values(&[&record.topic])
-                .inc();
-            self.metrics
-                .records
-                .with_label_values(&[&record.topic, outcome.as_str()])
-                .inc();
-        }
+        self.count_outcomes(records, &outcomes);
         for letter in &letters {
             Telemetry::RecordDeadLettered {
                 reason: letter.reason,
@@ -349,6 +353,38 @@ impl BatchProcessor {
         }
         .emit(&self.metrics);
         Ok(())
+    }
+
+    fn step_done(&self, name: &str, since: &mut Instant) {
+        let now = Instant::now();
+        self.metrics
+            .step_seconds
+            .with_label_values(&[name])
+            .observe((now - *since).as_secs_f64());
+        *since = now;
+    }
+
+    /// Adds the batch's outcomes to the counters, once per topic and
+    /// outcome rather than once per record.
+    fn count_outcomes(&self, records: &[Record], outcomes: &[Outcome]) {
+        let mut counts: HashMap<(&str, Outcome), u64> = HashMap::new();
+        for (record, outcome) in records.iter().zip(outcomes) {
+            *counts.entry((&record.topic, *outcome)).or_default() += 1;
+        }
+        let mut read: HashMap<&str, u64> = HashMap::new();
+        for ((topic, outcome), n) in counts {
+            *read.entry(topic).or_default() += n;
+            self.metrics
+                .records
+                .with_label_values(&[topic, outcome.as_str()])
+                .inc_by(n);
+        }
+        for (topic, n) in read {
+            self.metrics
+                .records_read
+                .with_label_values(&[topic])
+                .inc_by(n);
+        }
     }
 
     /// Steps 1 to 3: decode, look up, classify.
@@ -687,23 +723,62 @@ impl BatchProcessor {
         }
     }
 
-    /// A failed commit is not retried for long: the records are durable,
-    /// and the next batch's commit covers this one's offsets too.
-    fn commit_offsets(&self, committer: &dyn OffsetCommitter, progress: &[Progress]) {
+    /// Commits without waiting for the broker: the records are durable in
+    /// the sink and the dedup store, so a commit that is lost only makes
+    /// them read again, as duplicates. The next batch's commit covers this
+    /// one's offsets too; a failure is counted by the commit callback.
+    fn commit_offsets(&mut self, committer: &dyn OffsetCommitter, progress: &[Progress]) {
         let started = Instant::now();
+        match committer.commit(progress, false) {
+            Ok(()) => self
+                .metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64()),
+            Err(error) => Telemetry::OffsetCommitFailed { error: &error }.emit(&self.metrics),
+        }
+        for p in progress {
+            self.unconfirmed
+                .insert((p.topic.clone(), p.partition), p.next);
+        }
+    }
+
+    /// Commits again, and waits for, the offsets committed without waiting
+    /// of the partitions `which` selects: before partitions are given up
+    /// (so that their next owner starts after everything done here) and
+    /// at shutdown. A failure is logged; those records are then read again
+    /// as duplicates.
+    pub fn confirm_commits(
+        &mut self,
+        committer: &dyn OffsetCommitter,
+        which: impl Fn(&str, Partition) -> bool,
+    ) {
+        let (confirm, keep): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            std::mem::take(&mut self.unconfirmed)
+                .into_iter()
+                .partition(|((topic, partition), _)| which(topic, *partition));
+        self.unconfirmed = keep;
+        if confirm.is_empty() {
+            return;
+        }
+        let progress: Vec<Progress> = confirm
+            .into_iter()
+            .map(|((topic, partition), next)| Progress {
+                topic,
+                partition,
+                next,
+            })
+            .collect();
         let mut last_error = String::new();
         for _ in 0..3 {
-            match committer.commit(progress) {
-                Ok(()) => {
-                    self.metrics
-                        .commit_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    return;
-                }
+            match committer.commit(&progress, true) {
+                Ok(()) => return,
                 Err(e) => last_error = e,
             }
         }
-        Telemetry::OffsetCommitFailed { error: &last_error }.emit(&self.metrics);
+        tracing::warn!(
+            error = last_error,
+            "cannot confirm the last offset commit; those records will be read again as duplicates"
+        );
     }
 }
 

@@ -213,6 +213,20 @@ fn unknown_lag() -> i64 {
 }
 
 impl ConsumerContext for IdemContext {
+    /// Served by `poll()`, for commits sent without waiting too.
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            Telemetry::OffsetCommitFailed {
+                error: &e.to_string(),
+            }
+            .emit(&self.metrics);
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             // Finish and commit the batch in flight while we still own its
@@ -224,6 +238,13 @@ impl ConsumerContext for IdemContext {
                 // to their next owner uncommitted.
                 Err(BatchError::SinkDown(_)) => engine.drop_pending(tpl),
                 Err(e) => engine.failed = Some(e),
+            }
+            if !engine.dead {
+                engine
+                    .processor
+                    .confirm_commits(consumer, |topic, partition| {
+                        tpl.find_partition(topic, partition.0).is_some()
+                    });
             }
             for e in tpl.elements() {
                 let _ = self
@@ -292,13 +313,18 @@ impl ConsumerContext for IdemContext {
 }
 
 impl OffsetCommitter for BaseConsumer<IdemContext> {
-    fn commit(&self, offsets: &[Progress]) -> Result<(), String> {
+    fn commit(&self, offsets: &[Progress], wait: bool) -> Result<(), String> {
         let mut tpl = TopicPartitionList::with_capacity(offsets.len());
         for p in offsets {
             tpl.add_partition_offset(&p.topic, p.partition.0, KafkaOffset::Offset(p.next.0))
                 .map_err(|e| e.to_string())?;
         }
-        Consumer::commit(self, &tpl, CommitMode::Sync).map_err(|e| e.to_string())
+        let mode = if wait {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        };
+        Consumer::commit(self, &tpl, mode).map_err(|e| e.to_string())
     }
 
     fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
@@ -587,7 +613,7 @@ pub fn run(
         }
         let starts = std::mem::take(&mut lock().start_commits);
         if !starts.is_empty() {
-            if let Err(error) = OffsetCommitter::commit(&consumer, &starts) {
+            if let Err(error) = OffsetCommitter::commit(&consumer, &starts, true) {
                 // Tried again on the next turn of the loop.
                 warn!(
                     error,
@@ -630,6 +656,12 @@ pub fn run(
         }
     };
 
+    if matches!(
+        result,
+        Ok(()) | Err(BatchError::Interrupted) | Err(BatchError::SinkDown(_))
+    ) {
+        lock().processor.confirm_commits(&consumer, |_, _| true);
+    }
     // Whatever happened, nothing more is processed: closing the consumer
     // runs the revoke callback, which must not commit after a crash.
     lock().dead = true;

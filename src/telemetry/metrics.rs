@@ -6,8 +6,8 @@
 //! keys or offsets.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::decode::DeadLetterReason;
@@ -29,6 +29,7 @@ pub struct Metrics {
     pub batch_seconds: Histogram,
     pub sink_write_seconds: Histogram,
     pub commit_seconds: Histogram,
+    pub step_seconds: HistogramVec,
     pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
     pub dedup_keys: IntGaugeVec,
@@ -134,7 +135,9 @@ impl Metrics {
             batch_records: histogram(
                 "idem_batch_records",
                 "Records per processed batch.",
-                vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0],
+                vec![
+                    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 25000.0,
+                ],
             ),
             batch_seconds: histogram(
                 "idem_batch_seconds",
@@ -148,10 +151,28 @@ impl Metrics {
             ),
             commit_seconds: histogram(
                 "idem_commit_seconds",
-                "Time to commit offsets to Kafka (with the Kafka sink: the \
-                 transaction commit, offsets included).",
+                "Time to commit offsets to Kafka: to send the commit, which is \
+                 not waited for (it is before partitions are given up and at \
+                 shutdown); with the Kafka sink, the transaction commit, \
+                 offsets included.",
                 latency_buckets(),
             ),
+            step_seconds: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "idem_batch_step_seconds",
+                        "Time of each step of a batch: classify (decode and dedup look-up), \
+                         sink, dead_letter, changelog, store (the synced dedup write), commit.",
+                    )
+                    .buckets(latency_buckets()),
+                    &["step"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
             rebalances: counter_vec(
                 "idem_rebalances_total",
                 "Consumer group rebalances seen, by kind (assign, revoke).",
