@@ -42,18 +42,24 @@ impl Fault {
     }
 }
 
-/// PostgreSQL, by SQLSTATE class: data exceptions (22) and integrity
-/// constraints (23) are the record's; connection (08), resources (53),
+/// PostgreSQL, by SQLSTATE class: data exceptions (22), integrity
+/// constraints (23) and a value beyond a limit (54000, such as a key too
+/// long for its index) are the record's; connection (08), resources (53),
 /// operator intervention such as a restart (57), transaction rollbacks
 /// like serialization failures and deadlocks (40), system errors (58) and
 /// lock timeouts heal; the rest (syntax, missing table, permissions) needs
 /// an operator. No SQLSTATE means the connection under it failed.
 pub fn postgres(e: &tokio_postgres::Error) -> Fault {
     let Some(code) = e.code() else {
-        return Fault::Transient;
+        // No answer from the server: the connection, or its TLS set-up.
+        return connection(e);
     };
     let c = code.code();
-    if c.starts_with("22") || c.starts_with("23") || *code == SqlState::DATATYPE_MISMATCH {
+    if c.starts_with("22")
+        || c.starts_with("23")
+        || *code == SqlState::DATATYPE_MISMATCH
+        || *code == SqlState::PROGRAM_LIMIT_EXCEEDED
+    {
         Fault::Record
     } else if ["08", "53", "57", "40", "58"]
         .iter()
@@ -100,15 +106,49 @@ pub fn io(e: &std::io::Error) -> Fault {
 
 /// An HTTP status that is not an answer about the key (2xx, 409, 413 and
 /// 422 are, and are handled by the HTTP sink): 408, 429 and 5xx heal;
-/// 401, 403, 404, 405, 407 and 421 say the sink is misconfigured; any
-/// other 4xx refuses the record. Anything else is retried.
+/// 3xx, 401, 403, 404, 405, 407 and 421 say the sink is misconfigured;
+/// any other 4xx refuses the record. Anything else is retried.
 pub fn http_status(code: u16) -> Fault {
     match code {
         408 | 429 | 500..=599 => Fault::Transient,
-        401 | 403 | 404 | 405 | 407 | 421 => Fault::Operator,
+        // Redirects are not followed (a POST turned into a GET would be
+        // taken for a success): sink.url should name the final address.
+        300..=399 | 401 | 403 | 404 | 405 | 407 | 421 => Fault::Operator,
         400..=499 => Fault::Record,
         _ => Fault::Transient,
     }
+}
+
+/// A connection that failed its TLS handshake (an untrusted or expired
+/// certificate, a name that does not match) will not heal by itself; any
+/// other failure to connect may. Decided on the error's whole chain of
+/// causes, since clients wrap the TLS library's error in their own.
+pub fn connection(e: &(dyn std::error::Error + 'static)) -> Fault {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string().to_ascii_lowercase();
+        if text.contains("certificate") || text.contains("tls handshake") {
+            return Fault::Operator;
+        }
+        cause = c.source();
+    }
+    Fault::Transient
+}
+
+/// An error with its chain of causes, `: `-separated, for messages: the
+/// outer text of client errors ("error sending request") rarely says why.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// A record the broker or librdkafka would not take: too large is the
@@ -169,10 +209,52 @@ mod tests {
             (404, Fault::Operator),
             (400, Fault::Record),
             (415, Fault::Record),
-            (302, Fault::Transient),
+            (302, Fault::Operator),
+            (307, Fault::Operator),
+            (600, Fault::Transient),
         ] {
             assert_eq!(http_status(code), fault, "HTTP {code}");
         }
+    }
+
+    #[derive(Debug)]
+    struct Wrapped(&'static str, Option<Box<Wrapped>>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn a_certificate_failure_anywhere_in_the_chain_needs_an_operator() {
+        let tls = Wrapped(
+            "error sending request",
+            Some(Box::new(Wrapped(
+                "client error (Connect)",
+                Some(Box::new(Wrapped(
+                    "error:0A000086:SSL routines:tls_post_process_server_certificate:certificate verify failed",
+                    None,
+                ))),
+            ))),
+        );
+        assert_eq!(connection(&tls), Fault::Operator);
+        assert!(
+            chain(&tls).ends_with("certificate verify failed"),
+            "{}",
+            chain(&tls)
+        );
+        let refused = Wrapped(
+            "error sending request",
+            Some(Box::new(Wrapped("Connection refused (os error 111)", None))),
+        );
+        assert_eq!(connection(&refused), Fault::Transient);
     }
 
     #[test]

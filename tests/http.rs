@@ -195,3 +195,125 @@ fn sigkill_during_http_delivery() {
         receiver.assert_one_body_per_key();
     }
 }
+
+/// A receiver behind a redirect: the redirect is not followed (a POST
+/// turned into a GET of a landing page would be taken for an applied
+/// record); the batch waits as needing an operator, nothing is committed,
+/// and once the receiver answers itself every record is applied once.
+#[test]
+fn a_redirect_is_never_taken_for_an_applied_record() {
+    let receiver = Receiver::start();
+    receiver.seen.redirect.store(true, Ordering::SeqCst);
+    let f = Fixture::new("http-redirect");
+    produce(
+        &f.topic,
+        &[
+            Rec::order(0, "R1", "ord-1", 1, 1),
+            Rec::order(0, "R2", "ord-2", 1, 1),
+        ],
+    );
+    let text = f.config_text_with_sink("7d", &http_sink(&receiver, 2));
+    let run = Running::start(config(&text));
+    wait_for(Duration::from_secs(60), "a retried redirect", || {
+        run.metrics
+            .sink_retries
+            .with_label_values(&["http", "needs-operator"])
+            .get()
+            >= 2
+    });
+    assert_eq!(run.count(Outcome::Applied), 0);
+    assert_eq!(f.committed(), vec![-1, -1]);
+    receiver.seen.redirect.store(false, Ordering::SeqCst);
+    run.wait_read(2);
+    f.wait_committed(&[2, -1]);
+    assert_eq!(run.count(Outcome::Applied), 2);
+    run.stop();
+    assert_eq!(receiver.applied(), 2);
+}
+
+/// Keys an HTTP header cannot carry as they are (a control character,
+/// whitespace at either end, which receivers trim) are dead-lettered as
+/// sink-rejected; they do not hold the records behind them.
+#[test]
+fn keys_a_header_cannot_carry_are_dead_lettered() {
+    let receiver = Receiver::start();
+    let f = Fixture::new("http-bad-key");
+    produce(
+        &f.topic,
+        &[
+            Rec::order(0, "bad\nkey", "ord-1", 1, 1),
+            Rec::order(0, "order-7 ", "ord-2", 1, 1),
+            Rec::order(0, "order-7", "ord-3", 1, 1),
+        ],
+    );
+    let text = f.config_text_with_sink("7d", &http_sink(&receiver, 2));
+    let run = Running::start(config(&text));
+    run.wait_read(3);
+    f.wait_committed(&[3, -1]);
+    assert_eq!(run.count(Outcome::DeadLettered), 2);
+    assert_eq!(run.count(Outcome::Applied), 1);
+    run.stop();
+    let letters = read_all(&f.dead_letter_topic, 1);
+    assert_eq!(letters.len(), 2);
+    assert!(letters
+        .iter()
+        .all(|l| header(l, "idem.reason") == Some(&b"sink-rejected"[..])));
+    assert_eq!(
+        receiver.effects().keys().collect::<Vec<_>>(),
+        vec!["order-7"]
+    );
+}
+
+/// A receiver that accepts connections and never answers: the batch ends
+/// at its first failed request instead of waiting out every record's
+/// timeouts, consumption pauses, and the instance stays in its group
+/// (no revoke) for well over `max.poll.interval.ms`; once the receiver
+/// answers, every record is applied once.
+#[test]
+fn a_receiver_that_never_answers_does_not_cost_the_group() {
+    let receiver = Receiver::start();
+    receiver.seen.hang.store(true, Ordering::SeqCst);
+    let f = Fixture::new("http-hang");
+    let records: Vec<Rec> = (0..60)
+        .map(|i| Rec::order(0, &format!("H{i}"), &format!("ord-{i}"), 1, 1))
+        .collect();
+    produce(&f.topic, &records);
+    let sink = format!(
+        "[sink]\nkind = \"http\"\nurl = \"http://127.0.0.1:{}/orders/{{key}}\"\n\
+         concurrency = 2\nmax_attempts = 2\ntimeout_ms = 1000\n",
+        receiver.port
+    );
+    let text = f.config_text_with_sink("7d", &sink).replace(
+        "session_timeout_ms = 6000",
+        "session_timeout_ms = 6000\nproperties = { \"max.poll.interval.ms\" = \"8000\" }",
+    );
+    let run = Running::start(config(&text));
+    let hung = std::time::Instant::now();
+    // Old behaviour: 60 records / 2 at a time, each 2 x 1 s: a minute in
+    // one call, expelled after 8 s. Waited here: 20 s of failed batches.
+    wait_for(
+        Duration::from_secs(60),
+        "20 s of a hanging receiver",
+        || {
+            hung.elapsed() >= Duration::from_secs(20)
+                && run
+                    .metrics
+                    .sink_retries
+                    .with_label_values(&["http", "unavailable"])
+                    .get()
+                    >= 2
+        },
+    );
+    assert_eq!(
+        run.metrics.rebalances.with_label_values(&["revoke"]).get(),
+        0,
+        "the instance left its group while the receiver hung"
+    );
+    assert_eq!(f.committed(), vec![-1, -1]);
+    receiver.seen.hang.store(false, Ordering::SeqCst);
+    run.wait_read(60);
+    f.wait_committed(&[60, -1]);
+    assert_eq!(run.count(Outcome::Applied), 60);
+    run.stop();
+    assert_eq!(receiver.applied(), 60);
+}

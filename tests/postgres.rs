@@ -223,6 +223,80 @@ fn a_bad_value_dead_letters_only_its_record() {
     }
 }
 
+/// Entity keys PostgreSQL cannot take: one too long for the key's index
+/// (SQLSTATE 54000), one holding a NUL character, and one that the key
+/// column's type cannot read (in the look-up of held versions). Each is
+/// dead-lettered alone; the records around them are applied.
+#[test]
+fn keys_postgres_cannot_store_dead_letter_only_their_record() {
+    let p = PgFixture::new("bad_keys");
+    pg_exec(&format!(
+        "CREATE TABLE {} (id text PRIMARY KEY, ver bigint NOT NULL, qty jsonb)",
+        p.table
+    ));
+    // Random letters: PostgreSQL compresses a repetitive key into its
+    // index, and this one must not fit.
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let long_id = (0..12_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect::<String>();
+    produce(
+        &p.f.topic,
+        &[
+            Rec::order(0, "K1", "ord-1", 1, 1),
+            Rec::order(0, "K2", "x", 1, 1)
+                .with_value(format!(r#"{{"id":"{long_id}","ver":1,"qty":1}}"#).as_bytes()),
+            Rec::order(0, "K3", "x", 1, 1).with_value(br#"{"id":"k\u0000nul","ver":1,"qty":1}"#),
+            Rec::order(0, "K4", "ord-4", 1, 4),
+        ],
+    );
+    let text = p.config_text(Mode::Upsert, false);
+    let run = Running::start(Config::parse(&text, Path::new("pg.toml")).unwrap());
+    run.wait_read(4);
+    p.f.wait_committed(&[4, -1]);
+    assert_eq!(run.count(Outcome::Applied), 2);
+    assert_eq!(run.count(Outcome::DeadLettered), 2);
+    run.stop();
+    let ids: Vec<String> = pg_query(&format!("SELECT id FROM {} ORDER BY id", p.table))
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, ["ord-1", "ord-4"]);
+
+    // An integer key column: a key it cannot read fails the look-up of
+    // the whole batch, which is then done key by key.
+    let q = PgFixture::new("int_keys");
+    pg_exec(&format!(
+        "CREATE TABLE {} (id bigint PRIMARY KEY, ver bigint NOT NULL, qty jsonb)",
+        q.table
+    ));
+    produce(
+        &q.f.topic,
+        &[
+            Rec::order(0, "K1", "x", 1, 1).with_value(br#"{"id":11,"ver":1,"qty":1}"#),
+            Rec::order(0, "K2", "x", 1, 1).with_value(br#"{"id":"eleven","ver":1,"qty":1}"#),
+            Rec::order(0, "K3", "x", 1, 1).with_value(br#"{"id":12,"ver":1,"qty":1}"#),
+        ],
+    );
+    let text = q.config_text(Mode::Upsert, false);
+    let run = Running::start(Config::parse(&text, Path::new("pg.toml")).unwrap());
+    run.wait_read(3);
+    q.f.wait_committed(&[3, -1]);
+    assert_eq!(run.count(Outcome::Applied), 2);
+    assert_eq!(run.count(Outcome::DeadLettered), 1);
+    run.stop();
+    let letters = read_all(&q.f.dead_letter_topic, 1);
+    assert_eq!(
+        header(&letters[0], "idem.reason"),
+        Some(&b"sink-rejected"[..])
+    );
+}
+
 /// A table locked past the statement timeout: the batch is retried, never
 /// dead-lettered, and lands once the lock is gone.
 #[test]

@@ -16,7 +16,7 @@ mod secrets;
 mod sink;
 
 pub(crate) use secrets::is_secret;
-pub use secrets::{describe, redact_url_password};
+pub use secrets::{describe, redact_url, redact_url_password};
 pub use sink::*;
 
 /// A configuration error: which field, and what is wrong with it.
@@ -79,8 +79,37 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (security, TLS, SASL, client.id...),
     /// passed through as they are. The few that would break the guarantee
     /// (auto commit, auto offset store, isolation level) are refused.
-    #[serde(default)]
+    /// Numbers and booleans are taken as their text.
+    #[serde(default, deserialize_with = "property_values")]
     pub properties: BTreeMap<String, String>,
+}
+
+/// librdkafka properties are text; a number or a boolean is taken as it is
+/// written. Any other value is refused by name only: a property may be a
+/// password, and the error must not quote it.
+fn property_values<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error as _;
+    let raw = BTreeMap::<String, toml::Value>::deserialize(deserializer)?;
+    raw.into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                _ => {
+                    return Err(D::Error::custom(format!(
+                        "property `{key}` must be a string, a number or a boolean \
+                         (its value is not shown)"
+                    )))
+                }
+            };
+            Ok((key, text))
+        })
+        .collect()
 }
 
 fn default_session_timeout_ms() -> u64 {
@@ -356,6 +385,19 @@ pub enum LogFormat {
     Json,
 }
 
+impl KafkaConfig {
+    /// librdkafka's `max.poll.interval.ms` as configured (default 300 s):
+    /// how long one batch may keep the consumer from polling.
+    pub fn max_poll_interval(&self) -> Duration {
+        let ms = self
+            .properties
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(300_000);
+        Duration::from_millis(ms)
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     ///
@@ -560,11 +602,12 @@ impl Config {
             }
             client.set(k, v);
             if let Err(e) = client.create_native_config() {
-                // librdkafka's message may quote the value.
-                let why = if is_secret(k) {
+                // librdkafka's message quotes the value, which may be a
+                // secret under a misspelt name: it is never shown.
+                let why = if is_secret(k) || v.is_empty() {
                     "librdkafka refuses this property (its value is not shown)".to_string()
                 } else {
-                    e.to_string()
+                    e.to_string().replace(v.as_str(), "<value not shown>")
                 };
                 return Err(invalid(format!("kafka.properties.{k}"), why));
             }
@@ -850,6 +893,37 @@ topic = "orders.v1.dlq"
             redact_url_password("postgresql://db/x?user=a&password=s3cret&sslmode=require"),
             "postgresql://db/x?user=a&password=<redacted>&sslmode=require"
         );
+        assert_eq!(
+            secrets::redact_url("https://user:TOPSECRET6@hooks.test/x?token=T0K&a=1"),
+            "https://user:<redacted>@hooks.test/x?token=<redacted>&a=1"
+        );
+        assert_eq!(
+            secrets::redact_url("https://T0KEN@hooks.test/x"),
+            "https://<redacted>@hooks.test/x"
+        );
+    }
+
+    #[test]
+    fn property_errors_never_quote_the_value() {
+        for properties in [
+            "{ \"sasl.passwrod\" = \"TOPSECRET1\" }",
+            "{ \"sasl.password\" = [\"TOPSECRET1\"] }",
+        ] {
+            let text = GOOD.replace(
+                "group_id = \"g\"",
+                &format!("group_id = \"g\"\nproperties = {properties}"),
+            );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(!err.contains("TOPSECRET1"), "{err}");
+            assert!(err.contains("sasl.passw"), "{err}");
+        }
+        // A number is taken as its text.
+        let text = GOOD.replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\nproperties = { \"fetch.wait.max.ms\" = 100 }",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.kafka.properties["fetch.wait.max.ms"], "100");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub fn describe(config: &Config) -> String {
     match &mut shown.sink {
         SinkConfig::Postgres(pg) => pg.url = redact_url_password(&pg.url),
         SinkConfig::Http(http) => {
+            http.url = redact_url(&http.url);
             for (name, value) in http.headers.iter_mut() {
                 if is_secret(name) || name.eq_ignore_ascii_case("authorization") {
                     *value = "<redacted>".to_string();
@@ -43,7 +44,7 @@ pub fn redact_url_password(url: &str) -> String {
         let params: Vec<String> = query
             .split('&')
             .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
+                Some((k, _)) if is_secret(k) => {
                     format!("{k}=<redacted>")
                 }
                 _ => kv.to_string(),
@@ -53,6 +54,22 @@ pub fn redact_url_password(url: &str) -> String {
         out.push_str(&params.join("&"));
     }
     out
+}
+
+/// A URL for logs and messages: a password or a bare user part (often a
+/// token) and secret-named query parameters redacted.
+pub fn redact_url(url: &str) -> String {
+    let redacted = redact_url_password(url);
+    let Some((scheme, rest)) = redacted.split_once("://") else {
+        return redacted;
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) if !userinfo.contains(':') => {
+            format!("{scheme}://<redacted>@{host}{}", &rest[authority_end..])
+        }
+        _ => redacted,
+    }
 }
 
 pub(crate) fn is_secret(property: &str) -> bool {

@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options,
-    WriteBatch, WriteOptions, DB,
+    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType,
+    IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
 use crate::clock::Clock;
@@ -41,6 +41,9 @@ const CF_DEDUP: &str = "dedup";
 const CF_PROGRESS: &str = "progress";
 const CF_CHANGELOG: &str = "changelog";
 const ENTRY_FORMAT: u8 = 1;
+/// The dedup family's block cache: room for the filters and indexes of
+/// tens of millions of keys, and the data blocks duplicates are read from.
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
 /// In the progress column family; no topic name starts with 0xFF.
 const REBUILD_KEY: &[u8] = b"\xffrebuild-since";
 const ENTRY_LEN: usize = 1 + 16 + 8 + 8;
@@ -191,7 +194,17 @@ impl DedupStore {
         // Most look-ups are misses (new keys): a bloom filter answers them
         // without reading a data block.
         table.set_bloom_filter(10.0, false);
+        // Filters and indexes in partitions of 4 KiB, cached one by one:
+        // a whole-file filter (about 0.75 MiB per million keys) is larger
+        // than a shard of the block cache and would be read from disk
+        // again on every batch. The top level of each stays pinned.
+        table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+        table.set_partition_filters(true);
+        table.set_metadata_block_size(4096);
         table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_top_level_index_and_filter(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
         dedup_opts.set_block_based_table_factory(&table);
         // The same for the memtable, where the newest keys are: a miss
         // there otherwise walks the skip list.

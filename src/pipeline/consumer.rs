@@ -138,6 +138,9 @@ pub struct IdemContext {
     /// the middle of a rebalance, where its requests would wait for the
     /// rebalance to finish.
     lookup: BaseConsumer<LoggedContext>,
+    /// A commit sent without waiting failed (during a rebalance, say):
+    /// the loop commits the last offsets again, waiting this time.
+    commit_failed: std::sync::atomic::AtomicBool,
 }
 
 impl IdemContext {
@@ -224,6 +227,8 @@ impl ConsumerContext for IdemContext {
                 error: &e.to_string(),
             }
             .emit(&self.metrics);
+            self.commit_failed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -563,6 +568,7 @@ pub fn run(
         readiness: Arc::clone(readiness),
         catch_up: Mutex::new(CatchUp::new()),
         lookup: lookup_config(config).create_with_context(LoggedContext)?,
+        commit_failed: std::sync::atomic::AtomicBool::new(false),
     };
     let consumer: BaseConsumer<IdemContext> = client_config(config).create_with_context(context)?;
     consumer.subscribe(&config.topic_names())?;
@@ -608,6 +614,7 @@ pub fn run(
             None => lock().poll_timeout(&config.batch),
         };
         let polled = consumer.poll(timeout);
+        let idle = polled.is_none();
         if let Some(e) = lock().failed.take() {
             break Err(e);
         }
@@ -639,6 +646,21 @@ pub fn run(
             None => {}
         }
         let mut engine = lock();
+        // Offsets sent without waiting are confirmed, waiting, when a
+        // commit failed and whenever the loop is idle: a partition that
+        // gets no more records has no later commit to cover a lost one.
+        let commit_failed = consumer
+            .context()
+            .commit_failed
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if !engine.dead && (commit_failed || (idle && engine.pending.is_empty())) {
+            let assigned = engine.assigned.clone();
+            engine
+                .processor
+                .confirm_commits(&consumer, |topic, partition| {
+                    assigned.contains(&(topic.to_string(), partition))
+                });
+        }
         if engine.retry_at.is_none() && engine.is_due(&config.batch) {
             match engine.flush(&consumer) {
                 Ok(()) | Err(BatchError::SinkDown(_)) => {}

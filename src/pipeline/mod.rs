@@ -267,7 +267,8 @@ impl Pipeline {
                 }
                 SinkConfig::Files(c) => FilesSink::open(c).map(|s| Box::new(s) as Box<dyn Sink>),
                 SinkConfig::Http(c) => {
-                    HttpSink::open(c, self.config.retry).map(|s| Box::new(s) as Box<dyn Sink>)
+                    HttpSink::open(c, self.config.retry, self.config.kafka.max_poll_interval())
+                        .map(|s| Box::new(s) as Box<dyn Sink>)
                 }
                 SinkConfig::Kafka(c) => {
                     KafkaSink::open(&self.config, c).map(|s| Box::new(s) as Box<dyn Sink>)

@@ -12,13 +12,23 @@
 //!   dead-lettered with reason `conflict`.
 //! - 413: too large, dead-lettered with reason `too-large`; other 4xx
 //!   (400, 410, 415...): dead-lettered with reason `sink-rejected`.
-//! - 401, 403, 404, 405, 407 and 421 say the sink is misconfigured, not the
-//!   record: the batch fails as needing an operator and is retried.
+//! - 3xx, 401, 403, 404, 405, 407 and 421 say the sink is misconfigured,
+//!   not the record: the batch fails as needing an operator and is
+//!   retried. Redirects are never followed: a POST that a client turns
+//!   into a GET of another page would be taken for an applied record.
+//! - A key that an HTTP header cannot carry as it is (a control
+//!   character, or whitespace at either end, which receivers trim) is
+//!   refused: dead-lettered with reason `sink-rejected`.
+//! - A failed TLS handshake (an untrusted certificate) needs an operator.
 //! - 408, 429, 5xx, connection errors and timeouts: retried with
 //!   exponential backoff and jitter, honouring `Retry-After` (seconds), up
 //!   to `max_attempts`; then the batch fails as unavailable and is retried
 //!   as a whole, holding the partition. A transient failure is never
-//!   dead-lettered.
+//!   dead-lettered. The first record that fails so ends the batch at
+//!   once (requests in flight are dropped), and a batch that has not
+//!   finished within half of `max.poll.interval.ms` fails as unavailable
+//!   too, so that the consumer polls again before the group would expel
+//!   it, whatever the receiver does.
 //!
 //! Durability: a 2xx or 409 is the receiver's promise; idem records the key
 //! and commits only after every request of the batch got one.
@@ -30,7 +40,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::stream::{self, StreamExt};
+use futures::stream::{self, StreamExt, TryStreamExt};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -51,6 +61,8 @@ pub struct HttpSink {
     max_attempts: u32,
     order_by: Option<String>,
     retry: RetryConfig,
+    /// The longest one batch may take.
+    budget: Duration,
 }
 
 /// What one answer means.
@@ -90,6 +102,25 @@ fn classify(status: StatusCode, retry_after: Option<Duration>) -> Answer {
     }
 }
 
+/// The `Idempotency-Key` header for a key, or why a header cannot carry it
+/// as it is: control characters are not allowed in a header, and
+/// receivers trim whitespace at either end, which would make two keys one.
+fn key_header(key: &str) -> Result<HeaderValue, String> {
+    if key.starts_with([' ', '\t']) || key.ends_with([' ', '\t']) {
+        return Err(
+            "the idempotency key begins or ends with whitespace, which HTTP receivers trim \
+             from the Idempotency-Key header"
+                .to_string(),
+        );
+    }
+    // Bytes past ASCII (UTF-8) are allowed as they are; control characters
+    // other than tab are not.
+    HeaderValue::from_bytes(key.as_bytes()).map_err(|_| {
+        "the idempotency key holds a control character, which an HTTP header cannot carry"
+            .to_string()
+    })
+}
+
 /// Percent-encodes everything but RFC 3986's unreserved characters.
 fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -110,7 +141,11 @@ impl HttpSink {
     /// # Errors
     /// [`SinkError::NeedsOperator`] for a header that is not valid HTTP, or
     /// a client that cannot be built.
-    pub fn open(config: &HttpSinkConfig, retry: RetryConfig) -> Result<HttpSink, SinkError> {
+    pub fn open(
+        config: &HttpSinkConfig,
+        retry: RetryConfig,
+        max_poll_interval: Duration,
+    ) -> Result<HttpSink, SinkError> {
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -123,6 +158,7 @@ impl HttpSink {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             .danger_accept_invalid_certs(config.insecure_skip_tls_verify)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SinkError::NeedsOperator(format!("HTTP client: {e}")))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -139,6 +175,7 @@ impl HttpSink {
             max_attempts: config.max_attempts,
             order_by: config.order_by.clone(),
             retry,
+            budget: max_poll_interval / 2,
         })
     }
 
@@ -161,6 +198,10 @@ impl HttpSink {
     /// One record, with its retries.
     async fn send(&self, write: &SinkWrite<'_>) -> Result<WriteOutcome, SinkError> {
         let url = self.url_for(write);
+        let key = match key_header(&write.key.0) {
+            Ok(key) => key,
+            Err(why) => return Ok(WriteOutcome::Rejected(why)),
+        };
         let mut backoff = Backoff::new(self.retry);
         let mut last = String::new();
         for attempt in 1..=self.max_attempts {
@@ -168,7 +209,7 @@ impl HttpSink {
                 .client
                 .request(self.method.clone(), &url)
                 .headers(self.headers.clone())
-                .header("Idempotency-Key", &write.key.0)
+                .header("Idempotency-Key", key.clone())
                 .body(write.raw.to_vec());
             let answer = match request.send().await {
                 Ok(response) => {
@@ -180,17 +221,36 @@ impl HttpSink {
                         .map(Duration::from_secs);
                     classify(response.status(), after)
                 }
-                // No answer at all (refused, reset, timed out): transient,
-                // as `fault::http_status` says of any status it cannot
-                // place.
-                Err(e) => Answer::Retry {
-                    why: if e.is_timeout() {
-                        "timed out".to_string()
+                // The URL may hold credentials: never in a message.
+                Err(e) => {
+                    let e = e.without_url();
+                    if e.is_builder() {
+                        // A request this record's values make unsendable.
+                        return Ok(WriteOutcome::Rejected(format!(
+                            "cannot build the request: {}",
+                            fault::chain(&e)
+                        )));
+                    }
+                    if fault::connection(&e) == Fault::Operator {
+                        Answer::Operator(format!(
+                            "{}; check the receiver's certificate, or \
+                             sink.insecure_skip_tls_verify",
+                            fault::chain(&e)
+                        ))
                     } else {
-                        format!("request failed: {e}")
-                    },
-                    after: None,
-                },
+                        // No answer at all (refused, reset, timed out):
+                        // transient, as `fault::http_status` says of any
+                        // status it cannot place.
+                        Answer::Retry {
+                            why: if e.is_timeout() {
+                                "timed out".to_string()
+                            } else {
+                                format!("request failed: {}", fault::chain(&e))
+                            },
+                            after: None,
+                        }
+                    }
+                }
             };
             match answer {
                 Answer::Done(outcome) => return Ok(outcome),
@@ -206,7 +266,8 @@ impl HttpSink {
             }
         }
         Err(SinkError::Unavailable(format!(
-            "{url}: {} attempts, last: {last}",
+            "{}: {} attempts, last: {last}",
+            crate::config::redact_url(&url),
             self.max_attempts
         )))
     }
@@ -230,24 +291,37 @@ impl Sink for HttpSink {
             chains[c].push(i);
         }
         let this = &*self;
-        let results: Vec<Result<Vec<(usize, WriteOutcome)>, SinkError>> = self.runtime.block_on(
-            stream::iter(chains)
-                .map(|chain| async move {
-                    let mut done = Vec::with_capacity(chain.len());
-                    for i in chain {
-                        if i == batch.len() / 2 {
-                            failpoint::hit("mid-sink-batch");
-                        }
-                        done.push((i, this.send(&batch[i]).await?));
+        // The first chain that fails ends the batch: `try_collect` drops
+        // the requests still in flight instead of waiting out their
+        // retries.
+        let all = stream::iter(chains)
+            .map(|chain| async move {
+                let mut done = Vec::with_capacity(chain.len());
+                for i in chain {
+                    if i == batch.len() / 2 {
+                        failpoint::hit("mid-sink-batch");
                     }
-                    Ok(done)
-                })
-                .buffer_unordered(self.concurrency)
-                .collect(),
-        );
+                    done.push((i, this.send(&batch[i]).await?));
+                }
+                Ok::<_, SinkError>(done)
+            })
+            .buffer_unordered(self.concurrency)
+            .try_collect::<Vec<_>>();
+        let results = self
+            .runtime
+            .block_on(async { tokio::time::timeout(self.budget, all).await })
+            .map_err(|_| {
+                SinkError::Unavailable(format!(
+                    "the receiver did not answer the batch's {} requests within {:?}, half of \
+                     max.poll.interval.ms; the batch is tried again (a slow receiver needs a \
+                     smaller batch.max_records or a larger sink.concurrency)",
+                    batch.len(),
+                    self.budget
+                ))
+            })??;
         let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; batch.len()];
-        for result in results {
-            for (i, outcome) in result? {
+        for done in results {
+            for (i, outcome) in done {
                 outcomes[i] = Some(outcome);
             }
         }
@@ -295,6 +369,22 @@ mod tests {
             classify(StatusCode::UNPROCESSABLE_ENTITY, None),
             Answer::Done(WriteOutcome::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn keys_a_header_cannot_carry_are_refused() {
+        assert!(key_header("order-7").is_ok());
+        assert!(key_header("ordre-é 7\tx").is_ok());
+        for bad in [
+            "bad\nkey",
+            "nul\0",
+            "del\u{7f}",
+            "order-7 ",
+            " order-7",
+            "\torder-7",
+        ] {
+            assert!(key_header(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -57,11 +57,16 @@ pub struct PostgresSink {
 }
 
 fn batch_error(e: &tokio_postgres::Error) -> SinkError {
-    let text = match e.as_db_error() {
+    fault::postgres(e).sink_error(db_text(e))
+}
+
+/// The server's SQLSTATE and message, or the client's error with its
+/// causes (a TLS failure says why only in its causes).
+fn db_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
-    };
-    fault::postgres(e).sink_error(text)
+        None => fault::chain(e),
+    }
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> SinkError {
@@ -310,11 +315,7 @@ impl PostgresSink {
             Err(e) if fault::postgres(&e) == Fault::Record => {
                 savepoint.rollback().await?;
                 if rows.len() == 1 {
-                    let why = e.as_db_error().map_or_else(
-                        || e.to_string(),
-                        |db| format!("{}: {}", db.code().code(), db.message()),
-                    );
-                    rejected.push((rows[0].0, why));
+                    rejected.push((rows[0].0, db_text(&e)));
                     return Ok(Vec::new());
                 }
                 let (a, b) = rows.split_at(rows.len() / 2);
@@ -329,13 +330,50 @@ impl PostgresSink {
     /// The version each key holds now.
     async fn held_versions(
         &self,
-        tx: &Transaction<'_>,
+        tx: &mut Transaction<'_>,
         keys: Vec<String>,
     ) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
         let sql = self.versions_sql.as_deref().expect("upsert");
-        let statement = tx.prepare_cached(sql).await?;
-        let rows = tx.query(&statement, &[&keys]).await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        let savepoint = tx.savepoint("idem_versions").await?;
+        let statement = savepoint.prepare_cached(sql).await?;
+        match savepoint.query(&statement, &[&keys]).await {
+            Ok(rows) => {
+                savepoint.commit().await?;
+                Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            }
+            Err(e) => {
+                savepoint.rollback().await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The versions held, read key by key after the look-up of the whole
+    /// batch failed on a key's value (one that the key column's type
+    /// cannot read): the keys that fail alone are rejected, so that one
+    /// record cannot hold the batch.
+    async fn held_versions_one_by_one(
+        &self,
+        tx: &mut Transaction<'_>,
+        rows: &mut Vec<(usize, &Row)>,
+        outcomes: &mut [Option<WriteOutcome>],
+    ) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
+        let mut held = HashMap::new();
+        let mut readable = Vec::with_capacity(rows.len());
+        for (i, row) in rows.drain(..) {
+            match self.held_versions(tx, vec![row.key.clone()]).await {
+                Ok(found) => {
+                    held.extend(found);
+                    readable.push((i, row));
+                }
+                Err(e) if fault::postgres(&e) == Fault::Record => {
+                    outcomes[i] = Some(WriteOutcome::Rejected(db_text(&e)));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        *rows = readable;
+        Ok(held)
     }
 
     async fn apply_batch(&self, batch: &[SinkWrite<'_>]) -> Result<Vec<WriteOutcome>, SinkError> {
@@ -343,11 +381,20 @@ impl PostgresSink {
         let mut rows: Vec<(usize, Row)> = Vec::with_capacity(batch.len());
         for (i, write) in batch.iter().enumerate() {
             match self.mapping.row(write) {
+                // PostgreSQL text cannot hold U+0000 at all: refused here,
+                // before a look-up of the whole batch would fail on it.
+                Ok(row) if row.key.contains('\0') => {
+                    outcomes[i] = Some(WriteOutcome::Rejected(format!(
+                        "the value of key column `{}` holds a NUL character, which \
+                         PostgreSQL text cannot store",
+                        self.mapping.key_column
+                    )))
+                }
                 Ok(row) => rows.push((i, row)),
                 Err(why) => outcomes[i] = Some(WriteOutcome::Rejected(why)),
             }
         }
-        let indexed: Vec<(usize, &Row)> = rows.iter().map(|(i, r)| (*i, r)).collect();
+        let mut indexed: Vec<(usize, &Row)> = rows.iter().map(|(i, r)| (*i, r)).collect();
 
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let mut tx = client.transaction().await.map_err(|e| batch_error(&e))?;
@@ -362,10 +409,14 @@ impl PostgresSink {
         let (planned, winners): (Vec<(usize, WriteOutcome)>, Vec<usize>) = match self.mapping.mode {
             SinkMode::Upsert => {
                 let keys: Vec<String> = indexed.iter().map(|(_, r)| r.key.clone()).collect();
-                let held = self
-                    .held_versions(&tx, keys)
-                    .await
-                    .map_err(|e| batch_error(&e))?;
+                let held = match self.held_versions(&mut tx, keys).await {
+                    Ok(held) => held,
+                    Err(e) if fault::postgres(&e) == Fault::Record => self
+                        .held_versions_one_by_one(&mut tx, &mut indexed, &mut outcomes)
+                        .await
+                        .map_err(|e| batch_error(&e))?,
+                    Err(e) => return Err(batch_error(&e)),
+                };
                 plan_upserts(&indexed, &held)
             }
             SinkMode::Insert => {

@@ -24,6 +24,11 @@ pub struct Seen {
     pub applied: AtomicU64,
     pub delay_ms: AtomicU64,
     pub down: AtomicBool,
+    /// Accept requests and never answer them.
+    pub hang: AtomicBool,
+    /// Answer with a redirect to `/landing`, which answers 200 to a GET,
+    /// as an auth gateway or an http-to-https redirect would.
+    pub redirect: AtomicBool,
     pub max_body: AtomicUsize,
 }
 
@@ -48,6 +53,13 @@ async fn handle(
         .unwrap()
         .push((key.clone(), body.to_vec()));
     let mut out = HeaderMap::new();
+    if seen.hang.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    if seen.redirect.load(Ordering::SeqCst) {
+        out.insert("location", "/landing".parse().unwrap());
+        return (StatusCode::FOUND, out, "moved");
+    }
     if seen.down.load(Ordering::SeqCst) {
         out.insert("retry-after", "0".parse().unwrap());
         return (StatusCode::SERVICE_UNAVAILABLE, out, "down");
@@ -93,6 +105,7 @@ impl Receiver {
         let port = listener.local_addr().unwrap().port();
         let app = Router::new()
             .route("/orders/{key}", any(handle))
+            .route("/landing", any(|| async { "welcome" }))
             .layer(DefaultBodyLimit::max(16 << 20))
             .with_state(Arc::clone(&seen));
         runtime.spawn(async move { axum::serve(listener, app).await });
