@@ -7,12 +7,17 @@
 #   scripts/kafka.sh start DIR      format DIR, start the node, wait until it
 #                                   serves; prints the bootstrap address
 #   scripts/kafka.sh stop DIR       stop the node started in DIR
+#   scripts/kafka.sh restart DIR    stop it and start it again on the same
+#                                   ports and data (the chaos suite's
+#                                   broker restarts)
 #
 # The node has two client listeners on 127.0.0.1: PLAINTEXT (the address
 # printed, also in DIR/bootstrap) and SASL_PLAINTEXT with SCRAM-SHA-256
 # (DIR/sasl_bootstrap). The SCRAM user is created when DIR is formatted,
 # with a fresh random password; DIR/sasl_user and DIR/sasl_password (mode
-# 600) hold them. The password is in no properties file.
+# 600) hold them, and DIR/sasl_client.properties (mode 600), for Kafka's
+# own command-line tools, holds them as a client configuration. No file of
+# the broker's own configuration holds the password.
 set -euo pipefail
 
 KAFKA_VERSION="${IDEM_KAFKA_VERSION:-4.1.1}"
