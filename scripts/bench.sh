@@ -29,6 +29,9 @@
 #                      without it only DIR/results.jsonl stays
 #   --idem PATH        measure this idem binary instead of building one
 #                      (to compare two builds)
+#   --before PATH      also measure the SQLite run with this idem binary
+#                      (an earlier build), on the same workload and broker,
+#                      labelled "sqlite-before"
 #
 # Prints a table; the results are also in DIR/results.jsonl, and
 # `bench report DIR/results.jsonl` prints the table again.
@@ -46,6 +49,7 @@ steady_secs=30
 dir=""
 keep=0
 idem=""
+before=""
 while [ $# -gt 0 ]; do
   case "$1" in
     throughput | scale | all) mode="$1" ;;
@@ -57,6 +61,7 @@ while [ $# -gt 0 ]; do
     --dir) dir="$2"; shift ;;
     --keep) keep=1 ;;
     --idem) idem="$2"; shift ;;
+    --before) before="$2"; shift ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -172,6 +177,19 @@ throughput() {
 
   write_config sqlite bench.in "$(sqlite_sink sqlite)"
   measure sqlite bench.in
+
+  echo "== the SQLite sink alone, no Kafka (its ceiling)"
+  "$bench" sink-limit --records "$records" --seed 1 --dir "$dir/sink-limit" \
+    --label sqlite-sink-only --out "$results"
+  rm -rf "$dir/sink-limit"
+
+  if [ -n "$before" ]; then
+    write_config sqlite-before bench.in "$(sqlite_sink sqlite-before)"
+    local current="$idem"
+    idem="$before"
+    measure sqlite-before bench.in
+    idem="$current"
+  fi
 
   write_config postgres bench.in "[sink]
 kind = \"postgres\"

@@ -2,7 +2,8 @@
 //! it, with each run's ratio to the bare consumer and the issue's targets.
 //!
 //! Labels the table knows: `bare` (the limit), `sqlite`, `postgres`,
-//! `kafka`, `sqlite-sink-only` (idem's SQLite sink with no Kafka, the
+//! `kafka`, `sqlite-before` (an earlier build, `--before`),
+//! `sqlite-sink-only` (idem's SQLite sink with no Kafka, the
 //! ceiling of idem into SQLite), `keys-N` (SQLite with N keys prefilled in the window),
 //! `keys-N-noscan` (the same without the periodic dedup scan) and `steady`
 //! (SQLite at a paced input rate).
@@ -29,8 +30,9 @@ pub struct RunResult {
     pub outcomes: BTreeMap<String, u64>,
     /// The paced producer's achieved rate (steady runs).
     pub offered_rate: Option<f64>,
-    /// Mean time per batch of each step that idem times (exact: sums over
-    /// counts): `batch`, `sink` (sink write), `commit` (offset commit).
+    /// Mean time per batch (exact: sums over the batch count): `batch`,
+    /// and each step of `idem_batch_step_seconds`: `classify`, `sink`,
+    /// `dead_letter`, `changelog`, `store`, `commit`.
     #[serde(default)]
     pub mean_ms: BTreeMap<String, f64>,
 }
@@ -45,6 +47,7 @@ impl RunResult {
             "bare" => "bare consumer (the limit)".to_string(),
             "sqlite" => "idem -> SQLite".to_string(),
             "sqlite-sink-only" => "SQLite sink alone, no Kafka (its ceiling)".to_string(),
+            "sqlite-before" => "idem -> SQLite, the earlier build".to_string(),
             "postgres" => "idem -> PostgreSQL".to_string(),
             "kafka" => "idem -> Kafka topic".to_string(),
             "steady" => format!(
@@ -156,6 +159,39 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
         "Latency: idem_batch_seconds (decode to offset commit, per batch), quantiles \
          interpolated linearly inside its buckets (bounds 5, 10, 25, 50, 100 ms ...)."
     );
+    let steps = [
+        "classify",
+        "sink",
+        "dead_letter",
+        "changelog",
+        "store",
+        "commit",
+    ];
+    let timed: Vec<&RunResult> = runs
+        .iter()
+        .filter(|r| steps.iter().any(|s| r.mean_ms.contains_key(*s)))
+        .collect();
+    if !timed.is_empty() {
+        println!();
+        println!("Mean ms per batch, by step (idem_batch_step_seconds):");
+        println!();
+        print!("| {:<38} | {:>8} |", "run", "batch");
+        for step in steps {
+            print!(" {step:>11} |");
+        }
+        println!();
+        for run in timed {
+            print!(
+                "| {:<38} | {:>8} |",
+                run.title(),
+                opt(run.mean_ms.get("batch").copied(), 1)
+            );
+            for step in steps {
+                print!(" {:>11} |", opt(run.mean_ms.get(step).copied(), 1));
+            }
+            println!();
+        }
+    }
     println!();
     for line in targets(&runs, limit) {
         println!("{line}");
