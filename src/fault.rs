@@ -127,7 +127,11 @@ pub fn connection(e: &(dyn std::error::Error + 'static)) -> Fault {
     let mut cause = Some(e);
     while let Some(c) = cause {
         let text = c.to_string().to_ascii_lowercase();
-        if text.contains("certificate") || text.contains("tls handshake") {
+        // "wrong version number": TLS spoken to a server that does not.
+        if text.contains("certificate")
+            || text.contains("tls handshake")
+            || text.contains("wrong version number")
+        {
             return Fault::Operator;
         }
         cause = c.source();

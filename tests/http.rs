@@ -232,8 +232,10 @@ fn a_redirect_is_never_taken_for_an_applied_record() {
 }
 
 /// Keys an HTTP header cannot carry as they are (a control character,
-/// whitespace at either end, which receivers trim) are dead-lettered as
-/// sink-rejected; they do not hold the records behind them.
+/// whitespace at either end, which receivers trim) and a key that is a
+/// relative path segment in the URL (`..`, the parent resource) are
+/// dead-lettered as sink-rejected; they do not hold the records behind
+/// them.
 #[test]
 fn keys_a_header_cannot_carry_are_dead_lettered() {
     let receiver = Receiver::start();
@@ -243,18 +245,19 @@ fn keys_a_header_cannot_carry_are_dead_lettered() {
         &[
             Rec::order(0, "bad\nkey", "ord-1", 1, 1),
             Rec::order(0, "order-7 ", "ord-2", 1, 1),
+            Rec::order(0, "..", "ord-4", 1, 1),
             Rec::order(0, "order-7", "ord-3", 1, 1),
         ],
     );
     let text = f.config_text_with_sink("7d", &http_sink(&receiver, 2));
     let run = Running::start(config(&text));
-    run.wait_read(3);
-    f.wait_committed(&[3, -1]);
-    assert_eq!(run.count(Outcome::DeadLettered), 2);
+    run.wait_read(4);
+    f.wait_committed(&[4, -1]);
+    assert_eq!(run.count(Outcome::DeadLettered), 3);
     assert_eq!(run.count(Outcome::Applied), 1);
     run.stop();
     let letters = read_all(&f.dead_letter_topic, 1);
-    assert_eq!(letters.len(), 2);
+    assert_eq!(letters.len(), 3);
     assert!(letters
         .iter()
         .all(|l| header(l, "idem.reason") == Some(&b"sink-rejected"[..])));

@@ -95,6 +95,27 @@ impl PgFixture {
         .collect()
     }
 
+    /// Runs idem in upsert mode over the `n` records on partition 0 of the
+    /// topic, into a table the test created, until they are committed;
+    /// checks how many were applied and dead-lettered.
+    fn run_upserts(&self, n: i64, applied: u64, dead_lettered: u64) {
+        let text = self.config_text(Mode::Upsert, false);
+        let run = Running::start(Config::parse(&text, Path::new("pg.toml")).unwrap());
+        run.wait_read(n as u64);
+        self.f.wait_committed(&[n, -1]);
+        assert_eq!(run.count(Outcome::Applied), applied);
+        assert_eq!(run.count(Outcome::DeadLettered), dead_lettered);
+        run.stop();
+    }
+
+    /// The ids in the table, in order.
+    fn ids(&self) -> Vec<String> {
+        pg_query(&format!("SELECT id FROM {} ORDER BY id", self.table))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     fn count(&self) -> i64 {
         pg_query(&format!("SELECT count(*) FROM {}", self.table))[0].get(0)
     }
@@ -203,19 +224,8 @@ fn a_bad_value_dead_letters_only_its_record() {
             Rec::order(0, "K4", "ord-4", 1, 4),
         ],
     );
-    let text = p.config_text(Mode::Upsert, false);
-    let config = Config::parse(&text, Path::new("pg.toml")).unwrap();
-    let run = Running::start(config);
-    run.wait_read(4);
-    p.f.wait_committed(&[4, -1]);
-    assert_eq!(run.count(Outcome::Applied), 2);
-    assert_eq!(run.count(Outcome::DeadLettered), 2);
-    run.stop();
-    let ids: Vec<String> = pg_query(&format!("SELECT id FROM {} ORDER BY id", p.table))
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(ids, ["ord-1", "ord-4"]);
+    p.run_upserts(4, 2, 2);
+    assert_eq!(p.ids(), ["ord-1", "ord-4"]);
     let letters = read_all(&p.f.dead_letter_topic, 1);
     assert_eq!(letters.len(), 2);
     for m in &letters {
@@ -255,18 +265,8 @@ fn keys_postgres_cannot_store_dead_letter_only_their_record() {
             Rec::order(0, "K4", "ord-4", 1, 4),
         ],
     );
-    let text = p.config_text(Mode::Upsert, false);
-    let run = Running::start(Config::parse(&text, Path::new("pg.toml")).unwrap());
-    run.wait_read(4);
-    p.f.wait_committed(&[4, -1]);
-    assert_eq!(run.count(Outcome::Applied), 2);
-    assert_eq!(run.count(Outcome::DeadLettered), 2);
-    run.stop();
-    let ids: Vec<String> = pg_query(&format!("SELECT id FROM {} ORDER BY id", p.table))
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(ids, ["ord-1", "ord-4"]);
+    p.run_upserts(4, 2, 2);
+    assert_eq!(p.ids(), ["ord-1", "ord-4"]);
 
     // An integer key column: a key it cannot read fails the look-up of
     // the whole batch, which is then done key by key.
@@ -283,13 +283,7 @@ fn keys_postgres_cannot_store_dead_letter_only_their_record() {
             Rec::order(0, "K3", "x", 1, 1).with_value(br#"{"id":12,"ver":1,"qty":1}"#),
         ],
     );
-    let text = q.config_text(Mode::Upsert, false);
-    let run = Running::start(Config::parse(&text, Path::new("pg.toml")).unwrap());
-    run.wait_read(3);
-    q.f.wait_committed(&[3, -1]);
-    assert_eq!(run.count(Outcome::Applied), 2);
-    assert_eq!(run.count(Outcome::DeadLettered), 1);
-    run.stop();
+    q.run_upserts(3, 2, 1);
     let letters = read_all(&q.f.dead_letter_topic, 1);
     assert_eq!(
         header(&letters[0], "idem.reason"),

@@ -187,14 +187,7 @@ pub fn run(args: &MeasureArgs) -> anyhow::Result<RunResult> {
             .insert("batch".to_string(), 1e3 * total / batch_count);
         // Each step's total over every batch, per committed batch: what the
         // step adds to a batch on average, retries included.
-        for step in [
-            "classify",
-            "sink",
-            "dead_letter",
-            "changelog",
-            "store",
-            "commit",
-        ] {
+        for step in crate::report::STEPS {
             let label = format!("step=\"{step}\"");
             let total = scrape::sum(&samples, "idem_batch_step_seconds_sum", &label);
             if total > 0.0 {

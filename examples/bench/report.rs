@@ -14,6 +14,16 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+/// The steps of a batch that idem times, in `idem_batch_step_seconds`.
+pub const STEPS: [&str; 6] = [
+    "classify",
+    "sink",
+    "dead_letter",
+    "changelog",
+    "store",
+    "commit",
+];
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunResult {
     pub label: String,
@@ -159,24 +169,16 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
         "Latency: idem_batch_seconds (decode to offset commit, per batch), quantiles \
          interpolated linearly inside its buckets (bounds 5, 10, 25, 50, 100 ms ...)."
     );
-    let steps = [
-        "classify",
-        "sink",
-        "dead_letter",
-        "changelog",
-        "store",
-        "commit",
-    ];
     let timed: Vec<&RunResult> = runs
         .iter()
-        .filter(|r| steps.iter().any(|s| r.mean_ms.contains_key(*s)))
+        .filter(|r| STEPS.iter().any(|s| r.mean_ms.contains_key(*s)))
         .collect();
     if !timed.is_empty() {
         println!();
         println!("Mean ms per batch, by step (idem_batch_step_seconds):");
         println!();
         print!("| {:<38} | {:>8} |", "run", "batch");
-        for step in steps {
+        for step in STEPS {
             print!(" {step:>11} |");
         }
         println!();
@@ -186,7 +188,7 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
                 run.title(),
                 opt(run.mean_ms.get("batch").copied(), 1)
             );
-            for step in steps {
+            for step in STEPS {
                 print!(" {:>11} |", opt(run.mean_ms.get(step).copied(), 1));
             }
             println!();

@@ -212,7 +212,7 @@ fn default_max_bytes() -> usize {
     8 << 20
 }
 fn default_linger_ms() -> u64 {
-    50
+    10
 }
 
 impl Default for BatchConfig {
@@ -385,6 +385,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// Checks a log filter (`log.level`, `RUST_LOG`). A bare word that is not
+/// a level reads to tracing as a target name and silences every log line,
+/// so it is refused too.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(filter) {
+        return Err(format!("not a tracing filter: {e}"));
+    }
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in filter.split(',').map(str::trim) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{directive}` is not a level; use trace, debug, info, warn, error or off, or \
+                 target=level"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl KafkaConfig {
     /// librdkafka's `max.poll.interval.ms` as configured (default 300 s):
     /// how long one batch may keep the consumer from polling.
@@ -529,25 +551,7 @@ impl Config {
                 ),
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(invalid("log.level", format!("not a tracing filter: {e}")));
-        }
-        // A bare word that is not a level reads as a target name and
-        // silences every log line: refuse it.
-        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-        for directive in self.log.level.split(',').map(str::trim) {
-            if !directive.contains('=')
-                && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
-            {
-                return Err(invalid(
-                    "log.level",
-                    format!(
-                        "`{directive}` is not a level; use trace, debug, info, warn, error or \
-                         off, or target=level"
-                    ),
-                ));
-            }
-        }
+        check_log_filter(&self.log.level).map_err(|why| invalid("log.level", why))?;
         self.sink.validate()?;
         Ok(())
     }
@@ -900,6 +904,19 @@ topic = "orders.v1.dlq"
         assert_eq!(
             secrets::redact_url("https://T0KEN@hooks.test/x"),
             "https://<redacted>@hooks.test/x"
+        );
+        assert_eq!(
+            redact_url_password("postgresql://idem:TOP?SECRET@db:5432/x?sslmode=require"),
+            "postgresql://idem:<redacted>@db:5432/x?sslmode=require"
+        );
+        assert_eq!(
+            secrets::redact_url("https://h.test/x?api_key=A&key=B&sig=C&X-Amz-Signature=D&n=1"),
+            "https://h.test/x?api_key=<redacted>&key=<redacted>&sig=<redacted>\
+             &X-Amz-Signature=<redacted>&n=1"
+        );
+        assert_eq!(
+            redact_url_password("postgresql://db/x?user=a@b"),
+            "postgresql://db/x?user=a@b"
         );
     }
 

@@ -16,7 +16,7 @@ pub fn describe(config: &Config) -> String {
         SinkConfig::Http(http) => {
             http.url = redact_url(&http.url);
             for (name, value) in http.headers.iter_mut() {
-                if is_secret(name) || name.eq_ignore_ascii_case("authorization") {
+                if is_secret(name) || name.eq_ignore_ascii_case("cookie") {
                     *value = "<redacted>".to_string();
                 }
             }
@@ -28,18 +28,35 @@ pub fn describe(config: &Config) -> String {
 
 /// `postgresql://user:secret@host/db` becomes `postgresql://user:<redacted>@host/db`.
 pub fn redact_url_password(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
+    // The user part ends at the last `@` with no `/` before it: a
+    // password may hold `?`, `#` or `@` (PostgreSQL takes them unescaped).
+    let (head, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let userinfo_end = rest
+                .char_indices()
+                .take_while(|(_, c)| *c != '/')
+                .filter(|(_, c)| *c == '@')
+                .last()
+                .map(|(i, _)| i);
+            match userinfo_end {
+                Some(at) => {
+                    let userinfo = &rest[..at];
+                    let shown = match userinfo.split_once(':') {
+                        Some((user, _)) => format!("{user}:<redacted>"),
+                        None => userinfo.to_string(),
+                    };
+                    (format!("{scheme}://{shown}@"), &rest[at + 1..])
+                }
+                None => (format!("{scheme}://"), rest),
+            }
+        }
+        None => (String::new(), url),
+    };
+    let (base, query) = match rest.split_once('?') {
         Some((b, q)) => (b, Some(q)),
-        None => (url, None),
+        None => (rest, None),
     };
-    let mut out = match base.split_once("://").and_then(|(scheme, rest)| {
-        let (userinfo, host) = rest.rsplit_once('@')?;
-        let (user, _) = userinfo.split_once(':')?;
-        Some(format!("{scheme}://{user}:<redacted>@{host}"))
-    }) {
-        Some(redacted) => redacted,
-        None => base.to_string(),
-    };
+    let mut out = head + base;
     if let Some(query) = query {
         let params: Vec<String> = query
             .split('&')
@@ -82,8 +99,14 @@ pub(crate) fn is_secret(property: &str) -> bool {
         "token",
         "api-key",
         "apikey",
+        "api_key",
+        "access_key",
         "oauthbearer.config",
+        "authorization",
+        "signature",
+        "credential",
     ]
     .iter()
     .any(|s| p.contains(s))
+        || ["key", "sig", "auth", "code", "pass", "pwd"].contains(&p.as_str())
 }

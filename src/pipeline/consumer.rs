@@ -578,8 +578,14 @@ pub fn run(
     let result = loop {
         if shutdown.is_triggered() {
             // The batch in flight finishes and commits before we leave (if
-            // the sink lets it; otherwise it is read again on restart).
-            break lock().flush(&consumer);
+            // the sink lets it; otherwise it is read again on restart). A
+            // sink that is down is not tried again: the stop would wait
+            // for it.
+            let mut engine = lock();
+            if engine.retry_at.is_some() {
+                break Ok(());
+            }
+            break engine.flush(&consumer);
         }
         // Backpressure: while the sink is down, consumption is paused and
         // the loop keeps polling (rebalances are served, the group keeps

@@ -276,8 +276,15 @@ impl Pipeline {
             };
             match opened {
                 Ok(sink) => return Ok(Some(sink)),
-                Err(e @ SinkError::Unavailable(_)) => {
-                    tracing::warn!(error = %e, "sink unavailable at start-up; retrying");
+                // Needing an operator is retried too, as it is while
+                // running: the fix (a table, a certificate) comes from
+                // outside, and the process should be there when it does.
+                Err(e @ (SinkError::Unavailable(_) | SinkError::NeedsOperator(_))) => {
+                    if matches!(e, SinkError::NeedsOperator(_)) {
+                        tracing::error!(error = %e, "sink cannot be opened; retrying");
+                    } else {
+                        tracing::warn!(error = %e, "sink unavailable at start-up; retrying");
+                    }
                     if self.shutdown.sleep(backoff.next_delay()) {
                         return Ok(None);
                     }

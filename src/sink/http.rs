@@ -19,6 +19,8 @@
 //! - A key that an HTTP header cannot carry as it is (a control
 //!   character, or whitespace at either end, which receivers trim) is
 //!   refused: dead-lettered with reason `sink-rejected`.
+//! - A key that is `.` or `..` where `{key}` is in the URL would name
+//!   another resource (a path's parent): refused the same way.
 //! - A failed TLS handshake (an untrusted certificate) needs an operator.
 //! - 408, 429, 5xx, connection errors and timeouts: retried with
 //!   exponential backoff and jitter, honouring `Retry-After` (seconds), up
@@ -197,6 +199,14 @@ impl HttpSink {
 
     /// One record, with its retries.
     async fn send(&self, write: &SinkWrite<'_>) -> Result<WriteOutcome, SinkError> {
+        if self.url.contains("{key}") && matches!(write.key.0.as_str(), "." | "..") {
+            // A path segment `.` or `..` names this resource's parent:
+            // the record would take effect on another resource.
+            return Ok(WriteOutcome::Rejected(format!(
+                "the idempotency key `{}` is a relative path segment in sink.url",
+                write.key.0
+            )));
+        }
         let url = self.url_for(write);
         let key = match key_header(&write.key.0) {
             Ok(key) => key,

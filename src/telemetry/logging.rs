@@ -4,18 +4,25 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{check_log_filter, LogConfig, LogFormat};
 
 /// Installs the global subscriber. `RUST_LOG` overrides the configured
-/// level, unless it is empty (an empty filter would silence every line,
-/// warnings included). Calling it twice keeps the first subscriber.
+/// level, unless it is empty or not a filter that `log.level` would take
+/// (either would silence every line, errors included): then it is ignored,
+/// with a line on stderr saying why. Calling it twice keeps the first
+/// subscriber.
 pub fn init(config: &LogConfig) {
     let from_env = std::env::var("RUST_LOG")
         .ok()
-        .filter(|v| !v.trim().is_empty());
-    let filter = from_env
-        .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::new(&config.level));
+        .filter(|v| !v.trim().is_empty())
+        .filter(|v| match check_log_filter(v) {
+            Ok(()) => true,
+            Err(why) => {
+                eprintln!("RUST_LOG is ignored: {why}; logging at log.level instead");
+                false
+            }
+        });
+    let filter = EnvFilter::new(from_env.as_deref().unwrap_or(&config.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
