@@ -744,13 +744,16 @@ impl BatchProcessor {
 
     /// Commits again, and waits for, the offsets committed without waiting
     /// of the partitions `which` selects: before partitions are given up
-    /// (so that their next owner starts after everything done here) and
-    /// at shutdown. A failure is logged; those records are then read again
-    /// as duplicates.
+    /// (so that their next owner starts after everything done here), at
+    /// shutdown, after a failed commit and when idle. A failure is logged;
+    /// with `retry_later` the offsets are kept for the next confirmation
+    /// (unless a newer batch replaced them), otherwise those records are
+    /// read again, as duplicates, by the partition's next reader.
     pub fn confirm_commits(
         &mut self,
         committer: &dyn OffsetCommitter,
         which: impl Fn(&str, Partition) -> bool,
+        retry_later: bool,
     ) {
         let (confirm, keep): (BTreeMap<_, _>, BTreeMap<_, _>) =
             std::mem::take(&mut self.unconfirmed)
@@ -777,8 +780,17 @@ impl BatchProcessor {
         }
         tracing::warn!(
             error = last_error,
-            "cannot confirm the last offset commit; those records will be read again as duplicates"
+            retry_later,
+            "cannot confirm the last offset commit; until it is, those records would be read \
+             again as duplicates"
         );
+        if retry_later {
+            for p in progress {
+                self.unconfirmed
+                    .entry((p.topic, p.partition))
+                    .or_insert(p.next);
+            }
+        }
     }
 }
 

@@ -245,11 +245,11 @@ impl ConsumerContext for IdemContext {
                 Err(e) => engine.failed = Some(e),
             }
             if !engine.dead {
-                engine
-                    .processor
-                    .confirm_commits(consumer, |topic, partition| {
-                        tpl.find_partition(topic, partition.0).is_some()
-                    });
+                engine.processor.confirm_commits(
+                    consumer,
+                    |topic, partition| tpl.find_partition(topic, partition.0).is_some(),
+                    false,
+                );
             }
             for e in tpl.elements() {
                 let _ = self
@@ -575,6 +575,7 @@ pub fn run(
     let lock = || engine.lock().expect("engine lock poisoned");
 
     let mut paused = false;
+    let mut last_confirm = Instant::now();
     let result = loop {
         if shutdown.is_triggered() {
             // The batch in flight finishes and commits before we leave (if
@@ -653,19 +654,23 @@ pub fn run(
         }
         let mut engine = lock();
         // Offsets sent without waiting are confirmed, waiting, when a
-        // commit failed and whenever the loop is idle: a partition that
-        // gets no more records has no later commit to cover a lost one.
-        let commit_failed = consumer
-            .context()
-            .commit_failed
-            .swap(false, std::sync::atomic::Ordering::SeqCst);
-        if !engine.dead && (commit_failed || (idle && engine.pending.is_empty())) {
+        // commit failed and whenever the loop is idle (at most once a
+        // second): a partition that gets no more records has no later
+        // commit to cover a lost one.
+        let failed_flag = &consumer.context().commit_failed;
+        let commit_failed = failed_flag.load(std::sync::atomic::Ordering::SeqCst);
+        if !engine.dead
+            && (commit_failed || (idle && engine.pending.is_empty()))
+            && last_confirm.elapsed() >= Duration::from_secs(1)
+        {
+            failed_flag.store(false, std::sync::atomic::Ordering::SeqCst);
+            last_confirm = Instant::now();
             let assigned = engine.assigned.clone();
-            engine
-                .processor
-                .confirm_commits(&consumer, |topic, partition| {
-                    assigned.contains(&(topic.to_string(), partition))
-                });
+            engine.processor.confirm_commits(
+                &consumer,
+                |topic, partition| assigned.contains(&(topic.to_string(), partition)),
+                true,
+            );
         }
         if engine.retry_at.is_none() && engine.is_due(&config.batch) {
             match engine.flush(&consumer) {
@@ -688,7 +693,9 @@ pub fn run(
         result,
         Ok(()) | Err(BatchError::Interrupted) | Err(BatchError::SinkDown(_))
     ) {
-        lock().processor.confirm_commits(&consumer, |_, _| true);
+        lock()
+            .processor
+            .confirm_commits(&consumer, |_, _| true, false);
     }
     // Whatever happened, nothing more is processed: closing the consumer
     // runs the revoke callback, which must not commit after a crash.
