@@ -202,22 +202,17 @@ enum Fault {
 fn chaos() {
     let total = env_or("IDEM_CHAOS_RECORDS", 8_000);
     let mut faults = Vec::new();
-    faults.extend(std::iter::repeat_n(
-        Fault::Kill,
-        env_or("IDEM_CHAOS_KILLS", 4),
-    ));
-    faults.extend(std::iter::repeat_n(
-        Fault::BrokerRestart,
-        env_or("IDEM_CHAOS_BROKER_RESTARTS", 1),
-    ));
-    faults.extend(std::iter::repeat_n(
-        Fault::PgRestart,
-        env_or("IDEM_CHAOS_PG_RESTARTS", 1),
-    ));
-    faults.extend(std::iter::repeat_n(
-        Fault::Outage,
-        env_or("IDEM_CHAOS_OUTAGES", 1),
-    ));
+    for (fault, count) in [
+        (Fault::Kill, env_or("IDEM_CHAOS_KILLS", 4)),
+        (
+            Fault::BrokerRestart,
+            env_or("IDEM_CHAOS_BROKER_RESTARTS", 1),
+        ),
+        (Fault::PgRestart, env_or("IDEM_CHAOS_PG_RESTARTS", 1)),
+        (Fault::Outage, env_or("IDEM_CHAOS_OUTAGES", 1)),
+    ] {
+        faults.extend(std::iter::repeat_n(fault, count));
+    }
     let mut rng = 0x853c_49e6_748f_ea9b_u64;
     let mut next = move |n: u64| {
         rng ^= rng << 13;

@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{
-    bootstrap, create_topic_with, end_offsets, read_all, unique, wait_for, Binary, Fixture, Mode,
+    bootstrap, create_topic_with, end_offsets, read_all, send_waiting, unique, wait_for, Binary,
+    Fixture, Mode,
 };
 use rdkafka::bindings as rd;
 use rdkafka::config::ClientConfig;
@@ -615,16 +616,7 @@ fn produce(topics: &Topics, cases: &[Case]) {
         if let Some(v) = &c.value {
             record = record.payload(v.as_slice());
         }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(50));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        send_waiting(&producer, record);
     }
     producer.flush(Duration::from_secs(60)).expect("flush");
 }

@@ -381,15 +381,6 @@ impl PostgresSink {
         let mut rows: Vec<(usize, Row)> = Vec::with_capacity(batch.len());
         for (i, write) in batch.iter().enumerate() {
             match self.mapping.row(write) {
-                // PostgreSQL text cannot hold U+0000 at all: refused here,
-                // before a look-up of the whole batch would fail on it.
-                Ok(row) if row.key.contains('\0') => {
-                    outcomes[i] = Some(WriteOutcome::Rejected(format!(
-                        "the value of key column `{}` holds a NUL character, which \
-                         PostgreSQL text cannot store",
-                        self.mapping.key_column
-                    )))
-                }
                 Ok(row) => rows.push((i, row)),
                 Err(why) => outcomes[i] = Some(WriteOutcome::Rejected(why)),
             }

@@ -182,18 +182,23 @@ pub fn produce_with(producer: &BaseProducer, topic: &str, records: &[Rec]) {
         if let Some(ts) = r.timestamp {
             record = record.timestamp(ts);
         }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(50));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        send_waiting(producer, record);
     }
     producer.flush(Duration::from_secs(60)).expect("flush");
+}
+
+/// Sends one record, waiting while the producer's queue is full.
+pub fn send_waiting(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8]>) {
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((_, back)) => {
+                record = back;
+                producer.poll(Duration::from_millis(50));
+            }
+        }
+    }
+    producer.poll(Duration::ZERO);
 }
 
 fn plain_consumer(group: Option<&str>) -> BaseConsumer {
