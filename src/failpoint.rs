@@ -13,7 +13,9 @@
 //!
 //! The points, in write-path order: `mid-sink-batch` (inside the sink
 //! transaction), `after-sink-write`, `after-dead-letter`,
-//! `after-dedup-write` (before the offset commit), and with the Kafka sink
+//! `before-changelog-ack` (RocksDB written, the changelog's acks not yet
+//! waited for), `after-dedup-write` (before the offset commit), and with
+//! the Kafka sink
 //! `before-transaction-commit` (offsets sent, commit not yet).
 
 use std::sync::atomic::{AtomicUsize, Ordering};

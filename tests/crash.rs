@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use idem::dedup::changelog::topic_name;
+use rdkafka::Message;
 
 const READ: &str = "idem_records_read_total";
 
@@ -32,15 +34,17 @@ fn row_count(f: &Fixture) -> usize {
 }
 
 /// C2: SIGKILL (a) after the sink write, before the dedup write, (b) after
-/// the dedup write, before the offset commit, (c) in the middle of a sink
-/// batch; then restart. Three rows, p0 committed at 3, and no record
-/// counted as a duplicate that was never applied.
+/// the dedup write to RocksDB, before the changelog's acknowledgement, (c)
+/// after both, before the offset commit, (d) in the middle of a sink
+/// batch; then restart. Three rows, p0 committed at 3, no record counted
+/// as a duplicate that was never applied, and every key in the changelog.
 #[test]
 fn c2_sigkill_at_each_point_of_the_write_path() {
     for mode in [Mode::Upsert, Mode::Insert] {
         for point in [
             "after-sink-write",
             "after-dead-letter",
+            "before-changelog-ack",
             "after-dedup-write",
             "mid-sink-batch",
         ] {
@@ -72,9 +76,10 @@ fn c2_sigkill_at_each_point_of_the_write_path() {
 
             let mut bin = Binary::start(&config, None);
             f.wait_committed(&[3, -1]);
-            // Killed after the dedup write, nothing was committed, but the
-            // progress stored with the dedup records says where to resume:
-            // nothing is read again.
+            // Killed after the dedup write and the changelog's
+            // acknowledgement, nothing was committed, but the progress
+            // stored after them says where to resume: nothing is read
+            // again. Killed between the two, the batch is read again.
             let reread = if point == "after-dedup-write" { 0 } else { 3 };
             wait_for(Duration::from_secs(30), "metrics of the restart", || {
                 bin.metric("idem_build_info", None).is_some() && records_read(&bin) == reread
@@ -89,7 +94,8 @@ fn c2_sigkill_at_each_point_of_the_write_path() {
             // Killed inside the sink transaction, nothing was applied and
             // everything is new; after the sink write and before the dedup
             // write, the sink already holds all three (same version, or the
-            // same key); after the dedup write nothing is read again.
+            // same key), as the dedup store does before the changelog's
+            // acknowledgement; after both nothing is read again.
             let expected_duplicates = match point {
                 "mid-sink-batch" | "after-dedup-write" => 0,
                 _ => 3,
@@ -97,6 +103,17 @@ fn c2_sigkill_at_each_point_of_the_write_path() {
             assert_eq!(duplicates, expected_duplicates, "{mode:?} {point}");
             assert!(bin.stop().success());
             assert_eq!(row_count(&f), 3, "{mode:?} {point}");
+            let mut keys: Vec<Vec<u8>> = read_all(&topic_name(&f.group, &f.topic), 2)
+                .into_iter()
+                .filter_map(|m| m.key().map(<[u8]>::to_vec))
+                .collect();
+            keys.sort();
+            keys.dedup();
+            assert_eq!(
+                keys,
+                [b"K0".to_vec(), b"K1".to_vec(), b"K2".to_vec()],
+                "{mode:?} {point}: the changelog lacks a key"
+            );
         }
     }
 }

@@ -92,6 +92,74 @@ fn a_duplicate_arriving_after_its_partition_moved_is_caught() {
     assert_eq!(f.inserted().len(), 12);
 }
 
+/// A record read again whose dedup entry it wrote itself (its batch was
+/// not committed: a crash before the changelog acknowledged it, or a
+/// replay) restates the entry to the changelog, so that the changelog
+/// never lacks what the local store holds. Here the first run has no
+/// changelog at all; after a replay, the second run's changelog gets
+/// every key, and a third instance with an empty store restores them.
+#[test]
+fn records_read_again_restate_their_dedup_entries_to_the_changelog() {
+    let f = Fixture::new("restate");
+    let first = orders("R", 10, 2);
+    produce(&f.topic, &first);
+    let text = f.config_text(Mode::Insert, "7d", "");
+    let without = text.replace("window = \"7d\"", "window = \"7d\"\nchangelog = false");
+    assert_ne!(without, text, "the fixture's config names the window");
+    let a = Running::start(parse(&without));
+    a.wait_read(10);
+    f.wait_committed(&[5, 5]);
+    assert_eq!(a.count(Outcome::Applied), 10);
+    a.stop();
+
+    let config = f.write_config(Mode::Insert, "7d");
+    let out = idem(&[
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        "--group",
+        &f.group,
+        "--topic",
+        &f.topic,
+        "--to-earliest",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    let b = Running::start(parse(&text));
+    b.wait_read(10);
+    f.wait_committed(&[5, 5]);
+    assert_eq!(
+        b.count(Outcome::Duplicate),
+        10,
+        "the store still holds them"
+    );
+    b.assert_outcomes_add_up();
+    b.stop();
+    let changelog = topic_name(&f.group, &f.topic);
+    let mut keys: Vec<Vec<u8>> = read_all(&changelog, 2)
+        .into_iter()
+        .filter(|m| m.payload().is_some())
+        .filter_map(|m| m.key().map(<[u8]>::to_vec))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut expected: Vec<Vec<u8>> = (0..10).map(|i| format!("R{i}").into_bytes()).collect();
+    expected.sort();
+    assert_eq!(keys, expected, "every key restated to the changelog");
+
+    // A new instance restores them all, and so catches a redelivery.
+    produce(&f.topic, &first[..2]);
+    let c = Running::start(parse(&f.instance_text(&text, "c")));
+    c.wait_read(2);
+    assert_eq!(
+        c.count(Outcome::Duplicate),
+        2,
+        "caught by the restored state"
+    );
+    assert!(c.metrics.restored.get() >= 10);
+    c.stop();
+}
+
 #[test]
 fn expired_keys_leave_the_changelog_as_tombstones() {
     let f = Fixture::new("tombstones");

@@ -116,6 +116,11 @@ pub fn topic_name(group: &str, input: &str) -> String {
     )
 }
 
+/// Records produced by [`Changelog::start`], not yet acknowledged.
+#[derive(Debug)]
+#[must_use = "wait for the acknowledgements with Changelog::acknowledged"]
+pub struct Sent(usize);
+
 /// Writes to the changelog topics and reads them back.
 pub struct Changelog {
     producer: BaseProducer<Deliveries>,
@@ -218,17 +223,41 @@ impl Changelog {
     /// Any record not acknowledged within the timeout; the caller sends
     /// them all again (a changelog record written twice is harmless).
     pub fn send(&self, records: &[ChangelogRecord]) -> Result<Vec<Progress>, ChangelogError> {
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
+        let sent = self.start(records)?;
+        self.acknowledged(records, sent)
+    }
+
+    /// Produces the records without waiting for their acknowledgements,
+    /// so that the caller can do other work meanwhile; then
+    /// [`Changelog::acknowledged`] waits for them.
+    ///
+    /// # Errors
+    /// librdkafka refused a record.
+    pub fn start(&self, records: &[ChangelogRecord]) -> Result<Sent, ChangelogError> {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         for (i, r) in records.iter().enumerate() {
             r.send(&self.producer, opaque(generation, i))
                 .map_err(|e| ChangelogError::Unavailable(e.to_string()))?;
         }
+        Ok(Sent(generation))
+    }
+
+    /// Waits for the acknowledgements of records produced by
+    /// [`Changelog::start`]; returns what [`Changelog::send`] returns.
+    ///
+    /// # Errors
+    /// Any record not acknowledged within the timeout.
+    pub fn acknowledged(
+        &self,
+        records: &[ChangelogRecord],
+        sent: Sent,
+    ) -> Result<Vec<Progress>, ChangelogError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
         wait_delivered(&self.producer, self.timeout)
             .map_err(|e| ChangelogError::Unavailable(format!("not acknowledged: {e}")))?;
-        positions(records, self.producer.context().take(generation))
+        positions(records, self.producer.context().take(sent.0))
             .map_err(ChangelogError::Unavailable)
     }
 

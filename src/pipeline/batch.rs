@@ -7,8 +7,12 @@
 //! 4. apply the new records to the sink and wait until durable (I2: the
 //!    sink comes before the dedup record that stands for it);
 //! 5. dead-letter what can never succeed and wait for the acks;
-//! 6. write dedup records to the changelog topic (acknowledged), then
-//!    with partition progress to RocksDB, synced;
+//! 6. produce the dedup records to the changelog topic and, while the
+//!    broker acknowledges them, write them to RocksDB, synced; then
+//!    record each partition's progress (the next synced write makes it
+//!    durable). A record read again that finds its own entry (same
+//!    offset) restates the entry to the changelog, since the crash that
+//!    made it read again may have come before the changelog's acks;
 //! 7. commit offset last + 1 of each partition to Kafka (I1: last).
 //!
 //! With a transactional sink (Kafka), step 4 writes into an open
@@ -30,6 +34,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use tracing::debug_span;
 
@@ -37,13 +42,20 @@ use super::retry::{Backoff, Shutdown};
 use crate::config::{Config, KeySource, LimitsConfig, RetryConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterProducer};
 use crate::decode::{decode, DeadLetterReason, Decoded, Event, Fingerprint};
-use crate::dedup::{Changelog, ChangelogRecord, DedupKey, DedupStore, Entry, Progress, StoreError};
+use crate::dedup::changelog::Sent;
+use crate::dedup::{
+    Changelog, ChangelogError, ChangelogRecord, DedupKey, DedupStore, Entry, Progress, StoreError,
+};
 use crate::failpoint::{CrashPlan, Crashed};
 use crate::outcome::Outcome;
 use crate::record::{Offset, Partition, Record};
 use crate::sink::{Sink, SinkError, SinkWrite, TransactionError, WriteOutcome};
 use crate::telemetry::events::Event as Telemetry;
 use crate::telemetry::{Metrics, Readiness};
+
+/// The fewest records one thread decodes of a batch; smaller batches are
+/// decoded on the calling thread alone.
+const PARALLEL_DECODE_CHUNK: usize = 500;
 
 /// Commits offsets to Kafka. A trait so that the write path can be driven
 /// by the consumer loop and by the rebalance callback alike.
@@ -96,7 +108,12 @@ enum Plan {
         event: Event,
         dedup: DedupKey,
     },
-    Duplicate,
+    /// With `restate`, the record is the one its stored entry came from,
+    /// read again because its batch was not committed: the entry goes to
+    /// the changelog again, in case the changelog never acknowledged it.
+    Duplicate {
+        restate: Option<(DedupKey, Entry)>,
+    },
     Conflict {
         first_offset: Option<Offset>,
     },
@@ -293,7 +310,7 @@ impl BatchProcessor {
         self.step_done("dead_letter", &mut step);
         self.crash.check("after-dead-letter")?;
 
-        // Step 6: dedup records and progress, one synced write.
+        // Step 6: the dedup records, to the changelog and to RocksDB.
         let now = self.store.now_ms();
         let entries: Vec<(DedupKey, Entry)> = writes
             .iter()
@@ -311,26 +328,44 @@ impl BatchProcessor {
                 _ => None,
             })
             .collect();
-        // The changelog: acknowledged before the commit; with a
-        // transactional sink, written inside its transaction (step 7).
         let changelog = match &self.changelog {
-            Some(c) => c.records(entries.iter().map(|(k, e)| (k, Some(*e)))),
+            Some(c) => c.records(entries.iter().map(|(k, e)| (k, Some(*e))).chain(
+                plans.iter().filter_map(|plan| match plan {
+                    Plan::Duplicate {
+                        restate: Some((k, e)),
+                    } => Some((k, Some(*e))),
+                    _ => None,
+                }),
+            )),
             None => Vec::new(),
         };
-        let transactional = self.sink.transactional().is_some();
         let mut positions = std::mem::take(&mut self.changelog_positions);
-        if !transactional {
-            positions.extend(self.send_changelog(&changelog)?);
-            self.step_done("changelog", &mut step);
-        }
-        self.write_store(&entries, &progress, &positions, transactional)?;
-        self.step_done("store", &mut step);
-        self.crash.check("after-dedup-write")?;
-
-        // Step 7: the commit, last; by the sink's transaction if it has one.
-        if transactional {
+        if self.sink.transactional().is_some() {
+            // The changelog records join the sink's transaction (step 7).
+            self.write_store(&entries, &progress, &positions, true)?;
+            self.step_done("store", &mut step);
+            self.crash.check("after-dedup-write")?;
             self.changelog_positions = self.commit_transaction(committer, &progress, &changelog)?;
         } else {
+            if changelog.is_empty() {
+                self.write_store(&entries, &progress, &positions, false)?;
+                self.step_done("store", &mut step);
+            } else {
+                // The broker acknowledges the changelog records while
+                // RocksDB syncs. The progress that lets a restart skip the
+                // batch is recorded only once both are done: a crash in
+                // between reads the batch again, and the re-read restates
+                // its records to the changelog (see `classify`).
+                let sent = self.changelog.as_ref().map(|c| c.start(&changelog));
+                self.write_store(&entries, &[], &[], false)?;
+                self.step_done("store", &mut step);
+                self.crash.check("before-changelog-ack")?;
+                positions.extend(self.changelog_acknowledged(&changelog, sent)?);
+                self.step_done("changelog", &mut step);
+                self.record_progress(&progress, &positions)?;
+            }
+            self.crash.check("after-dedup-write")?;
+            // Step 7: the commit, last.
             self.commit_offsets(committer, &progress);
         }
         self.step_done("commit", &mut step);
@@ -390,17 +425,23 @@ impl BatchProcessor {
     /// Steps 1 to 3: decode, look up, classify.
     fn classify(&self, records: &[Record]) -> Result<Vec<Plan>, BatchError> {
         let default_source = KeySource::default();
+        let (topics, limits) = (&self.topics, &self.limits);
+        let decode_one = |r: &Record| {
+            let source = topics.get(&r.topic).unwrap_or(&default_source);
+            let d = decode(r, source, limits);
+            let key = match &d {
+                Decoded::Event(e) => Some(DedupKey::new(&r.topic, r.partition, &e.key)),
+                _ => None,
+            };
+            (d, key)
+        };
+        // Decoding (parsing, canonical fingerprints) is most of this
+        // step's CPU and depends on nothing but the record: spread over
+        // the cores in chunks large enough to be worth a hand-over.
         let decoded: Vec<(Decoded, Option<DedupKey>)> = records
-            .iter()
-            .map(|r| {
-                let source = self.topics.get(&r.topic).unwrap_or(&default_source);
-                let d = decode(r, source, &self.limits);
-                let key = match &d {
-                    Decoded::Event(e) => Some(DedupKey::new(&r.topic, r.partition, &e.key)),
-                    _ => None,
-                };
-                (d, key)
-            })
+            .par_iter()
+            .with_min_len(PARALLEL_DECODE_CHUNK)
+            .map(decode_one)
             .collect();
 
         let keys: Vec<&DedupKey> = decoded.iter().filter_map(|(_, k)| k.as_ref()).collect();
@@ -411,13 +452,16 @@ impl BatchProcessor {
         for (record, (d, key)) in records.iter().zip(decoded) {
             let plan = match (d, key) {
                 (Decoded::Event(event), Some(dedup)) => {
-                    let earlier = stored
-                        .next()
-                        .expect("one look-up per key")
+                    let stored_entry = stored.next().expect("one look-up per key");
+                    let earlier = stored_entry
                         .map(|e| (e.fingerprint, e.offset))
                         .or_else(|| in_batch.get(&dedup).copied());
                     match earlier {
-                        Some((fp, _)) if fp == event.fingerprint => Plan::Duplicate,
+                        Some((fp, _)) if fp == event.fingerprint => Plan::Duplicate {
+                            restate: stored_entry
+                                .filter(|e| self.changelog.is_some() && e.offset == record.offset)
+                                .map(|e| (dedup, e)),
+                        },
                         Some((_, offset)) => Plan::Conflict {
                             first_offset: Some(offset),
                         },
@@ -596,25 +640,68 @@ impl BatchProcessor {
     /// Sends changelog records until all are acknowledged; returns the
     /// changelog positions after them.
     fn send_changelog(&self, records: &[ChangelogRecord]) -> Result<Vec<Progress>, BatchError> {
-        let Some(changelog) = &self.changelog else {
+        let sent = self.changelog.as_ref().map(|c| c.start(records));
+        self.changelog_acknowledged(records, sent)
+    }
+
+    /// Logs and counts a failed changelog write, then waits before the
+    /// next try.
+    fn changelog_failed(
+        &self,
+        error: &ChangelogError,
+        backoff: &mut Backoff,
+    ) -> Result<(), BatchError> {
+        let delay = backoff.next_delay();
+        tracing::warn!(
+            error = %error,
+            attempt = backoff.attempt(),
+            "dedup changelog write failed; retrying, nothing is committed meanwhile"
+        );
+        self.metrics.changelog_failures.inc();
+        if self.shutdown.sleep(delay) {
+            Err(BatchError::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits for the acknowledgements of changelog records produced by
+    /// [`Changelog::start`]; when they fail (or the start did), sends the
+    /// records again until all are acknowledged.
+    fn changelog_acknowledged(
+        &self,
+        records: &[ChangelogRecord],
+        sent: Option<Result<Sent, ChangelogError>>,
+    ) -> Result<Vec<Progress>, BatchError> {
+        let (Some(changelog), Some(sent)) = (&self.changelog, sent) else {
             return Ok(Vec::new());
         };
         let mut backoff = Backoff::new(self.retry);
+        let mut acked = sent.and_then(|sent| changelog.acknowledged(records, sent));
         loop {
-            match changelog.send(records) {
+            match acked {
                 Ok(positions) => return Ok(positions),
                 Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        error = %e,
-                        attempt = backoff.attempt(),
-                        "dedup changelog write failed; retrying, nothing is committed meanwhile"
-                    );
-                    self.metrics.changelog_failures.inc();
-                    if self.shutdown.sleep(delay) {
-                        return Err(BatchError::Interrupted);
-                    }
+                    self.changelog_failed(&e, &mut backoff)?;
+                    acked = changelog.send(records);
                 }
+            }
+        }
+    }
+
+    /// Records the batch's progress once its changelog records are
+    /// acknowledged (not synced: see [`DedupStore::record_progress`]).
+    fn record_progress(
+        &self,
+        progress: &[Progress],
+        changelog: &[Progress],
+    ) -> Result<(), BatchError> {
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match self.store.record_progress(progress, changelog) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retriable() => self.wait(&mut backoff, &e.to_string())?,
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -809,7 +896,7 @@ fn plan_outcome(plan: &Plan) -> Outcome {
     match plan {
         // Replaced by the sink's answer.
         Plan::New { .. } => Outcome::Applied,
-        Plan::Duplicate => Outcome::Duplicate,
+        Plan::Duplicate { .. } => Outcome::Duplicate,
         Plan::Conflict { .. } => Outcome::Conflict,
         Plan::Invalid { .. } => Outcome::DeadLettered,
         Plan::Filtered => Outcome::Filtered,
