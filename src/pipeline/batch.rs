@@ -34,7 +34,6 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rayon::prelude::*;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use tracing::debug_span;
 
@@ -52,10 +51,6 @@ use crate::record::{Offset, Partition, Record};
 use crate::sink::{Sink, SinkError, SinkWrite, TransactionError, WriteOutcome};
 use crate::telemetry::events::Event as Telemetry;
 use crate::telemetry::{Metrics, Readiness};
-
-/// The fewest records one thread decodes of a batch; smaller batches are
-/// decoded on the calling thread alone.
-const PARALLEL_DECODE_CHUNK: usize = 500;
 
 /// Commits offsets to Kafka. A trait so that the write path can be driven
 /// by the consumer loop and by the rebalance callback alike.
@@ -425,23 +420,17 @@ impl BatchProcessor {
     /// Steps 1 to 3: decode, look up, classify.
     fn classify(&self, records: &[Record]) -> Result<Vec<Plan>, BatchError> {
         let default_source = KeySource::default();
-        let (topics, limits) = (&self.topics, &self.limits);
-        let decode_one = |r: &Record| {
-            let source = topics.get(&r.topic).unwrap_or(&default_source);
-            let d = decode(r, source, limits);
-            let key = match &d {
-                Decoded::Event(e) => Some(DedupKey::new(&r.topic, r.partition, &e.key)),
-                _ => None,
-            };
-            (d, key)
-        };
-        // Decoding (parsing, canonical fingerprints) is most of this
-        // step's CPU and depends on nothing but the record: spread over
-        // the cores in chunks large enough to be worth a hand-over.
         let decoded: Vec<(Decoded, Option<DedupKey>)> = records
-            .par_iter()
-            .with_min_len(PARALLEL_DECODE_CHUNK)
-            .map(decode_one)
+            .iter()
+            .map(|r| {
+                let source = self.topics.get(&r.topic).unwrap_or(&default_source);
+                let d = decode(r, source, &self.limits);
+                let key = match &d {
+                    Decoded::Event(e) => Some(DedupKey::new(&r.topic, r.partition, &e.key)),
+                    _ => None,
+                };
+                (d, key)
+            })
             .collect();
 
         let keys: Vec<&DedupKey> = decoded.iter().filter_map(|(_, k)| k.as_ref()).collect();
