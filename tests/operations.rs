@@ -17,20 +17,6 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-fn replay(f: &Fixture, config: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let mut all = vec![
-        "replay",
-        "--config",
-        config.to_str().unwrap(),
-        "--group",
-        &f.group,
-        "--topic",
-        &f.topic,
-    ];
-    all.extend_from_slice(args);
-    idem(&all)
-}
-
 fn ok(out: &std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

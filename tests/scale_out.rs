@@ -113,16 +113,7 @@ fn records_read_again_restate_their_dedup_entries_to_the_changelog() {
     a.stop();
 
     let config = f.write_config(Mode::Insert, "7d");
-    let out = idem(&[
-        "replay",
-        "--config",
-        config.to_str().unwrap(),
-        "--group",
-        &f.group,
-        "--topic",
-        &f.topic,
-        "--to-earliest",
-    ]);
+    let out = replay(&f, &config, &["--to-earliest"]);
     assert!(out.status.success(), "{out:?}");
 
     let b = Running::start(parse(&text));

@@ -470,10 +470,19 @@ impl BatchProcessor {
     }
 
     fn lookup(&self, keys: &[&DedupKey]) -> Result<Vec<Option<Entry>>, BatchError> {
+        self.store_retrying(|| self.store.lookup(keys))
+    }
+
+    /// Runs a dedup store operation until it succeeds, waiting with
+    /// backoff while the store is busy.
+    fn store_retrying<T>(
+        &self,
+        operation: impl Fn() -> Result<T, StoreError>,
+    ) -> Result<T, BatchError> {
         let mut backoff = Backoff::new(self.retry);
         loop {
-            match self.store.lookup(keys) {
-                Ok(found) => return Ok(found),
+            match operation() {
+                Ok(done) => return Ok(done),
                 Err(e) if e.is_retriable() => self.wait(&mut backoff, &e.to_string())?,
                 Err(e) => return Err(e.into()),
             }
@@ -561,20 +570,14 @@ impl BatchProcessor {
         changelog: &[Progress],
         transactional: bool,
     ) -> Result<(), BatchError> {
-        let mut backoff = Backoff::new(self.retry);
-        loop {
-            let written = if transactional {
+        self.store_retrying(|| {
+            if transactional {
                 self.store
                     .commit_in_transaction(entries, progress, changelog)
             } else {
                 self.store.commit(entries, progress, changelog)
-            };
-            match written {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_retriable() => self.wait(&mut backoff, &e.to_string())?,
-                Err(e) => return Err(e.into()),
             }
-        }
+        })
     }
 
     fn wait(&self, backoff: &mut Backoff, error: &str) -> Result<(), BatchError> {
@@ -685,14 +688,7 @@ impl BatchProcessor {
         progress: &[Progress],
         changelog: &[Progress],
     ) -> Result<(), BatchError> {
-        let mut backoff = Backoff::new(self.retry);
-        loop {
-            match self.store.record_progress(progress, changelog) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_retriable() => self.wait(&mut backoff, &e.to_string())?,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.store_retrying(|| self.store.record_progress(progress, changelog))
     }
 
     /// Reads a newly assigned partition's changelog into the store, as far
@@ -789,14 +785,8 @@ impl BatchProcessor {
 
     /// Removes the dedup records of a batch whose transaction aborted.
     fn take_back(&self, why: String) -> Result<BatchError, BatchError> {
-        let mut backoff = Backoff::new(self.retry);
-        loop {
-            match self.store.settle_journal(false) {
-                Ok(()) => return Ok(BatchError::TransactionAborted(why)),
-                Err(e) if e.is_retriable() => self.wait(&mut backoff, &e.to_string())?,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.store_retrying(|| self.store.settle_journal(false))?;
+        Ok(BatchError::TransactionAborted(why))
     }
 
     /// Commits without waiting for the broker: the records are durable in

@@ -82,6 +82,21 @@ pub fn idem(args: &[&str]) -> std::process::Output {
         .expect("running idem")
 }
 
+/// `idem replay` of the fixture's group and topic, with `args` added.
+pub fn replay(f: &Fixture, config: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec![
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        "--group",
+        &f.group,
+        "--topic",
+        &f.topic,
+    ];
+    all.extend_from_slice(args);
+    idem(&all)
+}
+
 pub fn create_topic(name: &str, partitions: i32) {
     create_topic_with(name, partitions, &[]);
 }
