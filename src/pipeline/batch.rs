@@ -636,27 +636,6 @@ impl BatchProcessor {
         self.changelog_acknowledged(records, sent)
     }
 
-    /// Logs and counts a failed changelog write, then waits before the
-    /// next try.
-    fn changelog_failed(
-        &self,
-        error: &ChangelogError,
-        backoff: &mut Backoff,
-    ) -> Result<(), BatchError> {
-        let delay = backoff.next_delay();
-        tracing::warn!(
-            error = %error,
-            attempt = backoff.attempt(),
-            "dedup changelog write failed; retrying, nothing is committed meanwhile"
-        );
-        self.metrics.changelog_failures.inc();
-        if self.shutdown.sleep(delay) {
-            Err(BatchError::Interrupted)
-        } else {
-            Ok(())
-        }
-    }
-
     /// Waits for the acknowledgements of changelog records produced by
     /// [`Changelog::start`]; when they fail (or the start did), sends the
     /// records again until all are acknowledged.
@@ -674,7 +653,16 @@ impl BatchProcessor {
             match acked {
                 Ok(positions) => return Ok(positions),
                 Err(e) => {
-                    self.changelog_failed(&e, &mut backoff)?;
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        error = %e,
+                        attempt = backoff.attempt(),
+                        "dedup changelog write failed; retrying, nothing is committed meanwhile"
+                    );
+                    self.metrics.changelog_failures.inc();
+                    if self.shutdown.sleep(delay) {
+                        return Err(BatchError::Interrupted);
+                    }
                     acked = changelog.send(records);
                 }
             }
