@@ -342,7 +342,11 @@ impl DedupStore {
     ) -> WriteBatch {
         let dedup = self.cf(CF_DEDUP);
         let mut batch = WriteBatch::default();
-        for (key, entry) in entries {
+        // In key order, the memtable's skip list finds each insert's
+        // place from the one before it instead of from its top.
+        let mut sorted: Vec<&(DedupKey, Entry)> = entries.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0 .0.cmp(&b.0 .0));
+        for (key, entry) in sorted {
             batch.put_cf(&dedup, &key.0, entry.encode());
         }
         for (cf, offsets) in [(CF_PROGRESS, progress), (CF_CHANGELOG, changelog)] {
