@@ -129,13 +129,23 @@ pub fn run(args: &MeasureArgs) -> anyhow::Result<RunResult> {
         tpl.add_partition(&args.target.topic, *p);
     }
     let secs = loop {
-        let committed = lookup.committed_offsets(tpl.clone(), Duration::from_secs(10))?;
-        let done = ends.iter().all(|(p, _, high)| {
-            matches!(
-                committed.find_partition(&args.target.topic, *p).map(|e| e.offset()),
-                Some(Offset::Offset(o)) if o >= *high
-            )
-        });
+        // A broker busy with the run can be slow to answer; that is no
+        // reason to give the run up before its deadline.
+        let done = match lookup.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(committed) => ends.iter().all(|(p, _, high)| {
+                matches!(
+                    committed.find_partition(&args.target.topic, *p).map(|e| e.offset()),
+                    Some(Offset::Offset(o)) if o >= *high
+                )
+            }),
+            Err(e) => {
+                eprintln!(
+                    "{}: reading the group's offsets: {e}; trying again",
+                    args.label
+                );
+                false
+            }
+        };
         if done {
             break started.elapsed().as_secs_f64();
         }

@@ -19,8 +19,8 @@ pub const STEPS: [&str; 6] = [
     "classify",
     "sink",
     "dead_letter",
-    "changelog",
     "store",
+    "changelog",
     "commit",
 ];
 
@@ -119,8 +119,14 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
 
     let opt =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    let w = runs
+        .iter()
+        .map(|r| r.title().chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(3);
     println!(
-        "| {:<38} | {:>9} | {:>7} | {:>9} | {:>8} | {:>6} | {:>6} | {:>8} | {:>9} | {:>9} | {:>9} |",
+        "| {:<w$} | {:>9} | {:>7} | {:>9} | {:>8} | {:>6} | {:>6} | {:>8} | {:>9} | {:>9} | {:>9} |",
         "run",
         "records",
         "seconds",
@@ -134,8 +140,19 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
         "duplicate"
     );
     println!(
-        "|{:-<40}|{:->11}|{:->9}|{:->11}|{:->10}|{:->8}|{:->8}|{:->10}|{:->11}|{:->11}|{:->11}|",
-        "", "", "", "", "", "", "", "", "", "", ""
+        "|{:-<dashes$}|{:->11}|{:->9}|{:->11}|{:->10}|{:->8}|{:->8}|{:->10}|{:->11}|{:->11}|{:->11}|",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        dashes = w + 2
     );
     for run in &runs {
         let ratio = match (run.label.as_str(), limit) {
@@ -148,7 +165,7 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
                 .map_or("-".to_string(), |n| n.to_string())
         };
         println!(
-            "| {:<38} | {:>9} | {:>7.1} | {:>9.0} | {:>8} | {:>6} | {:>6} | {:>8} | {:>9} | {:>9} | {:>9} |",
+            "| {:<w$} | {:>9} | {:>7.1} | {:>9.0} | {:>8} | {:>6} | {:>6} | {:>8} | {:>9} | {:>9} | {:>9} |",
             run.title(),
             run.records,
             run.secs,
@@ -177,14 +194,19 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
         println!();
         println!("Mean ms per batch, by step (idem_batch_step_seconds):");
         println!();
-        print!("| {:<38} | {:>8} |", "run", "batch");
+        print!("| {:<w$} | {:>8} |", "run", "batch");
         for step in STEPS {
             print!(" {step:>11} |");
         }
         println!();
+        print!("|{:-<dashes$}|{:->10}|", "", "", dashes = w + 2);
+        for _ in STEPS {
+            print!("{:->13}|", "");
+        }
+        println!();
         for run in timed {
             print!(
-                "| {:<38} | {:>8} |",
+                "| {:<w$} | {:>8} |",
                 run.title(),
                 opt(run.mean_ms.get("batch").copied(), 1)
             );

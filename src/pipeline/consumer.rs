@@ -703,8 +703,15 @@ pub fn run(
     lock().pending.clear();
     drop(consumer);
     match result {
-        Ok(()) | Err(BatchError::Interrupted) | Err(BatchError::SinkDown(_)) => {
+        Ok(()) => {
             info!("pipeline stopped");
+            Ok(RunEnd::Stopped)
+        }
+        Err(e @ (BatchError::Interrupted | BatchError::SinkDown(_))) => {
+            warn!(
+                reason = %e,
+                "pipeline stopped with a batch left uncommitted; its records are read again at the next start"
+            );
             Ok(RunEnd::Stopped)
         }
         Err(BatchError::Crashed(c)) => {

@@ -4,8 +4,9 @@
 //! 1. the group's committed offset, when it lies within the partition
 //!    (between the low and high watermarks);
 //! 2. otherwise idem's own progress from the dedup store (the next offset
-//!    it recorded with the dedup records of its last batch), when within
-//!    the partition: this covers deleted or expired group offsets;
+//!    after its last batch, recorded once that batch's dedup records were
+//!    synced and acknowledged by the changelog), when within the
+//!    partition: this covers deleted or expired group offsets;
 //! 3. otherwise `kafka.offset_reset`: `earliest`, `latest`, or `fail`
 //!    (stop with an error and let an operator decide).
 //!
