@@ -151,6 +151,67 @@ fn records_read_again_restate_their_dedup_entries_to_the_changelog() {
     c.stop();
 }
 
+/// A store never records a changelog position past records it lacks:
+/// when this instance's write lands after records another writer put in
+/// its changelog partition (here written by the test, as an instance
+/// that took the partition meanwhile would), it reads them first.
+#[test]
+fn a_changelog_position_never_passes_records_another_writer_put_there() {
+    let f = Fixture::new("gap");
+    produce(&f.topic, &orders("G", 4, 1));
+    let text = f.config_text(Mode::Insert, "7d", "");
+    let a = Running::start(parse(&text));
+    a.wait_read(4);
+    f.wait_committed(&[4, -1]);
+
+    // Another writer's record, between this instance's two batches.
+    let changelog = topic_name(&f.group, &f.topic);
+    let entry = read_all(&changelog, 2)
+        .into_iter()
+        .find_map(|m| m.payload().map(<[u8]>::to_vec))
+        .expect("the first batch's dedup records");
+    produce(
+        &changelog,
+        &[Rec {
+            partition: 0,
+            key: Some(b"F1".to_vec()),
+            value: Some(entry),
+            headers: vec![],
+            timestamp: None,
+        }],
+    );
+    produce(&f.topic, &orders("H", 3, 1));
+    a.wait_read(7);
+    f.wait_committed(&[7, -1]);
+    a.stop();
+
+    let store = DedupStore::open(
+        &f.dedup_path(),
+        Duration::from_secs(7 * 24 * 3600),
+        Arc::new(idem::clock::SystemClock),
+    )
+    .unwrap();
+    let keys: Vec<DedupKey> = ["F1", "G0", "H2"]
+        .iter()
+        .map(|k| DedupKey::new(&f.topic, Partition(0), &IdemKey((*k).into())))
+        .collect();
+    let found: Vec<bool> = store
+        .lookup(&keys.iter().collect::<Vec<_>>())
+        .unwrap()
+        .iter()
+        .map(Option::is_some)
+        .collect();
+    assert_eq!(found, [true, true, true], "F1, G0, H2 in the store");
+    assert_eq!(
+        store
+            .changelog_position(&f.topic, Partition(0))
+            .unwrap()
+            .map(|o| o.0),
+        Some(end_offsets(&changelog, 2)[0]),
+        "the position is the changelog partition's end"
+    );
+}
+
 #[test]
 fn expired_keys_leave_the_changelog_as_tombstones() {
     let f = Fixture::new("tombstones");

@@ -216,13 +216,13 @@ impl Changelog {
 
     /// Produces the records and waits for every acknowledgement.
     ///
-    /// Returns, per input partition, the changelog offset after the last
-    /// record written, for [`DedupStore::commit`].
+    /// Returns, per input partition, the changelog offsets of the first
+    /// record written and after the last.
     ///
     /// # Errors
     /// Any record not acknowledged within the timeout; the caller sends
     /// them all again (a changelog record written twice is harmless).
-    pub fn send(&self, records: &[ChangelogRecord]) -> Result<Vec<Progress>, ChangelogError> {
+    pub fn send(&self, records: &[ChangelogRecord]) -> Result<Vec<Written>, ChangelogError> {
         let sent = self.start(records)?;
         self.acknowledged(records, sent)
     }
@@ -251,7 +251,7 @@ impl Changelog {
         &self,
         records: &[ChangelogRecord],
         sent: Sent,
-    ) -> Result<Vec<Progress>, ChangelogError> {
+    ) -> Result<Vec<Written>, ChangelogError> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
@@ -292,11 +292,18 @@ impl Changelog {
         let (low, high) = consumer
             .fetch_watermarks(topic, partition.0, self.timeout)
             .map_err(unavailable)?;
-        let from = store
+        let known = store
             .changelog_position(input, partition)
-            .map_err(|e| ChangelogError::Unavailable(e.to_string()))?
-            .map_or(low, |o| o.0.clamp(low, high));
+            .map_err(|e| ChangelogError::Unavailable(e.to_string()))?;
+        let from = known.map_or(low, |o| o.0.clamp(low, high));
         if from >= high {
+            // Nothing to read; the position still says where the
+            // partition ends, so that this store's next write follows it.
+            if known != Some(Offset(high)) {
+                store
+                    .apply_restored(input, partition, &[], Offset(high), true)
+                    .map_err(|e| ChangelogError::Unavailable(e.to_string()))?;
+            }
             return Ok(0);
         }
         let mut tpl = TopicPartitionList::new();
@@ -350,7 +357,18 @@ impl Changelog {
     }
 }
 
-/// The next changelog offset per input partition, from the delivery
+/// Where one send's records landed in the changelog partition of one
+/// input partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The input partition, and the changelog offset after the send's
+    /// last record there.
+    pub after: Progress,
+    /// The changelog offset of the send's first record there.
+    pub first: Offset,
+}
+
+/// Where the records went, per input partition, from the delivery
 /// reports of `records`.
 ///
 /// # Errors
@@ -358,30 +376,36 @@ impl Changelog {
 pub(crate) fn positions(
     records: &[ChangelogRecord],
     reports: Vec<(usize, Result<i64, KafkaError>)>,
-) -> Result<Vec<Progress>, String> {
+) -> Result<Vec<Written>, String> {
     let mut acked = vec![None; records.len()];
     for (i, report) in reports {
         if let Some(slot) = acked.get_mut(i) {
             *slot = Some(report);
         }
     }
-    let mut next: HashMap<(&str, Partition), i64> = HashMap::new();
+    let mut span: HashMap<(&str, Partition), (i64, i64)> = HashMap::new();
     for (r, report) in records.iter().zip(acked) {
         match report {
             Some(Ok(offset)) => {
-                let n = next.entry((&r.input, r.partition)).or_insert(offset + 1);
-                *n = (*n).max(offset + 1);
+                let (first, next) = span
+                    .entry((&r.input, r.partition))
+                    .or_insert((offset, offset + 1));
+                *first = (*first).min(offset);
+                *next = (*next).max(offset + 1);
             }
             Some(Err(e)) => return Err(format!("{}/{}: {e}", r.topic, r.partition)),
             None => return Err(format!("{}/{}: not acknowledged", r.topic, r.partition)),
         }
     }
-    Ok(next
+    Ok(span
         .into_iter()
-        .map(|((input, partition), next)| Progress {
-            topic: input.to_string(),
-            partition,
-            next: Offset(next),
+        .map(|((input, partition), (first, next))| Written {
+            after: Progress {
+                topic: input.to_string(),
+                partition,
+                next: Offset(next),
+            },
+            first: Offset(first),
         })
         .collect())
 }
@@ -605,15 +629,15 @@ mod tests {
     }
 
     #[test]
-    fn positions_are_one_past_the_last_acknowledged_offset() {
+    fn positions_span_the_acknowledged_offsets() {
         let records = [record("a", 0), record("a", 0), record("a", 1)];
-        let mut got = positions(&records, vec![(0, Ok(7)), (1, Ok(9)), (2, Ok(3))]).unwrap();
-        got.sort_by_key(|p| p.partition);
+        let mut got = positions(&records, vec![(0, Ok(9)), (1, Ok(7)), (2, Ok(3))]).unwrap();
+        got.sort_by_key(|w| w.after.partition);
         assert_eq!(
             got.iter()
-                .map(|p| (p.partition.0, p.next.0))
+                .map(|w| (w.after.partition.0, w.first.0, w.after.next.0))
                 .collect::<Vec<_>>(),
-            vec![(0, 10), (1, 4)]
+            vec![(0, 7, 10), (1, 3, 4)]
         );
         let missing = positions(&records, vec![(0, Ok(7)), (2, Ok(3))]).unwrap_err();
         assert!(missing.contains("not acknowledged"), "{missing}");

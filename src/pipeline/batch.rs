@@ -41,7 +41,7 @@ use super::retry::{Backoff, Shutdown};
 use crate::config::{Config, KeySource, LimitsConfig, RetryConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterProducer};
 use crate::decode::{decode, DeadLetterReason, Decoded, Event, Fingerprint};
-use crate::dedup::changelog::Sent;
+use crate::dedup::changelog::{Sent, Written};
 use crate::dedup::{
     Changelog, ChangelogError, ChangelogRecord, DedupKey, DedupStore, Entry, Progress, StoreError,
 };
@@ -355,7 +355,8 @@ impl BatchProcessor {
                 self.write_store(&entries, &[], &[], false)?;
                 self.step_done("store", &mut step);
                 self.crash.check("before-changelog-ack")?;
-                positions.extend(self.changelog_acknowledged(&changelog, sent)?);
+                let written = self.changelog_acknowledged(&changelog, sent)?;
+                positions.extend(self.advance_positions(written)?);
                 self.step_done("changelog", &mut step);
                 self.record_progress(&progress, &positions)?;
             }
@@ -633,7 +634,36 @@ impl BatchProcessor {
     /// changelog positions after them.
     fn send_changelog(&self, records: &[ChangelogRecord]) -> Result<Vec<Progress>, BatchError> {
         let sent = self.changelog.as_ref().map(|c| c.start(records));
-        self.changelog_acknowledged(records, sent)
+        let written = self.changelog_acknowledged(records, sent)?;
+        self.advance_positions(written)
+    }
+
+    /// The changelog positions this store may record after a write: a
+    /// partition's position moves past the write only when the write
+    /// follows it directly. Otherwise records this store lacks lie in
+    /// between (another instance wrote there, say while this one was
+    /// expelled from the group and did not know it yet, or an earlier try
+    /// of this write landed): they are read into the store now, which
+    /// also moves the position to the partition's end.
+    fn advance_positions(&self, written: Vec<Written>) -> Result<Vec<Progress>, BatchError> {
+        let mut advanced = Vec::with_capacity(written.len());
+        for w in written {
+            let (topic, partition) = (&w.after.topic, w.after.partition);
+            let known = self.store_retrying(|| self.store.changelog_position(topic, partition))?;
+            if known == Some(w.first) {
+                advanced.push(w.after);
+                continue;
+            }
+            tracing::info!(
+                topic,
+                partition = partition.0,
+                known = known.map_or(-1, |o| o.0),
+                written_from = w.first.0,
+                "the dedup changelog holds records this store lacks before this write; reading them"
+            );
+            self.restore(topic, partition)?;
+        }
+        Ok(advanced)
     }
 
     /// Waits for the acknowledgements of changelog records produced by
@@ -643,7 +673,7 @@ impl BatchProcessor {
         &self,
         records: &[ChangelogRecord],
         sent: Option<Result<Sent, ChangelogError>>,
-    ) -> Result<Vec<Progress>, BatchError> {
+    ) -> Result<Vec<Written>, BatchError> {
         let (Some(changelog), Some(sent)) = (&self.changelog, sent) else {
             return Ok(Vec::new());
         };
@@ -758,8 +788,9 @@ impl BatchProcessor {
             }
             for chunk in expired.chunks(10_000) {
                 let tombstones = changelog.records(chunk.iter().map(|k| (k, None)));
-                self.send_changelog(&tombstones)?;
+                let positions = self.send_changelog(&tombstones)?;
                 self.store.remove(chunk)?;
+                self.record_progress(&[], &positions)?;
             }
             tracing::info!(
                 topic,

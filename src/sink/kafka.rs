@@ -445,7 +445,11 @@ impl Transactional for KafkaSink {
                     self.open = false;
                     // Committed: every changelog record was delivered.
                     let reports = self.producer.context().take(generation);
-                    return Ok(positions(changelog, reports).unwrap_or_default());
+                    return Ok(positions(changelog, reports)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|w| w.after)
+                        .collect());
                 }
                 Err(e) => match transaction_failure(&e) {
                     Failure::Retry(why) if tries < 5 => {
