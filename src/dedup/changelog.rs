@@ -366,6 +366,18 @@ pub struct Written {
     pub after: Progress,
     /// The changelog offset of the send's first record there.
     pub first: Offset,
+    /// How many of the send's records went there: `after.next - first`
+    /// unless another writer's records lie between them.
+    pub count: i64,
+}
+
+impl Written {
+    /// Whether the write directly follows `known`, a store's position in
+    /// this changelog partition, with no other writer's record before or
+    /// among its own: only then may the store's position move past it.
+    pub fn follows(&self, known: Option<Offset>) -> bool {
+        known == Some(self.first) && self.after.next.0 - self.first.0 == self.count
+    }
 }
 
 /// Where the records went, per input partition, from the delivery
@@ -383,15 +395,16 @@ pub(crate) fn positions(
             *slot = Some(report);
         }
     }
-    let mut span: HashMap<(&str, Partition), (i64, i64)> = HashMap::new();
+    let mut span: HashMap<(&str, Partition), (i64, i64, i64)> = HashMap::new();
     for (r, report) in records.iter().zip(acked) {
         match report {
             Some(Ok(offset)) => {
-                let (first, next) = span
-                    .entry((&r.input, r.partition))
-                    .or_insert((offset, offset + 1));
+                let (first, next, count) =
+                    span.entry((&r.input, r.partition))
+                        .or_insert((offset, offset + 1, 0));
                 *first = (*first).min(offset);
                 *next = (*next).max(offset + 1);
+                *count += 1;
             }
             Some(Err(e)) => return Err(format!("{}/{}: {e}", r.topic, r.partition)),
             None => return Err(format!("{}/{}: not acknowledged", r.topic, r.partition)),
@@ -399,13 +412,14 @@ pub(crate) fn positions(
     }
     Ok(span
         .into_iter()
-        .map(|((input, partition), (first, next))| Written {
+        .map(|((input, partition), (first, next, count))| Written {
             after: Progress {
                 topic: input.to_string(),
                 partition,
                 next: Offset(next),
             },
             first: Offset(first),
+            count,
         })
         .collect())
 }
@@ -629,15 +643,35 @@ mod tests {
     }
 
     #[test]
+    fn a_write_follows_a_position_only_when_nothing_else_is_before_or_among_it() {
+        let written = |first, next, count| Written {
+            after: Progress {
+                topic: "t".into(),
+                partition: Partition(0),
+                next: Offset(next),
+            },
+            first: Offset(first),
+            count,
+        };
+        assert!(written(20, 25, 5).follows(Some(Offset(20))));
+        // Another writer's record at 20, before this write.
+        assert!(!written(21, 26, 5).follows(Some(Offset(20))));
+        // Another writer's record among this write's, at 22 say.
+        assert!(!written(20, 26, 5).follows(Some(Offset(20))));
+        // A store that never recorded a position.
+        assert!(!written(0, 5, 5).follows(None));
+    }
+
+    #[test]
     fn positions_span_the_acknowledged_offsets() {
         let records = [record("a", 0), record("a", 0), record("a", 1)];
         let mut got = positions(&records, vec![(0, Ok(9)), (1, Ok(7)), (2, Ok(3))]).unwrap();
         got.sort_by_key(|w| w.after.partition);
         assert_eq!(
             got.iter()
-                .map(|w| (w.after.partition.0, w.first.0, w.after.next.0))
+                .map(|w| (w.after.partition.0, w.first.0, w.after.next.0, w.count))
                 .collect::<Vec<_>>(),
-            vec![(0, 7, 10), (1, 3, 4)]
+            vec![(0, 7, 10, 2), (1, 3, 4, 1)]
         );
         let missing = positions(&records, vec![(0, Ok(7)), (2, Ok(3))]).unwrap_err();
         assert!(missing.contains("not acknowledged"), "{missing}");

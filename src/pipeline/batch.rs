@@ -128,6 +128,8 @@ pub struct BatchProcessor {
     dead_letters: DeadLetterProducer,
     /// The dedup changelog, unless `dedup.changelog = false`.
     changelog: Option<Changelog>,
+    /// Whether the sink commits offsets in its own transaction.
+    transactional_sink: bool,
     /// Changelog positions learnt from a transaction's commit, written
     /// with the next batch's dedup records.
     changelog_positions: Vec<Progress>,
@@ -147,7 +149,7 @@ impl BatchProcessor {
     pub fn new(
         config: &Config,
         store: Arc<DedupStore>,
-        sink: Box<dyn Sink>,
+        mut sink: Box<dyn Sink>,
         dead_letters: DeadLetterProducer,
         changelog: Option<Changelog>,
         metrics: Arc<Metrics>,
@@ -164,6 +166,7 @@ impl BatchProcessor {
             limits: config.limits.clone(),
             retry: config.retry,
             store,
+            transactional_sink: sink.transactional().is_some(),
             sink,
             dead_letters,
             changelog,
@@ -630,27 +633,20 @@ impl BatchProcessor {
         }
     }
 
-    /// Sends changelog records until all are acknowledged; returns the
-    /// changelog positions after them.
-    fn send_changelog(&self, records: &[ChangelogRecord]) -> Result<Vec<Progress>, BatchError> {
-        let sent = self.changelog.as_ref().map(|c| c.start(records));
-        let written = self.changelog_acknowledged(records, sent)?;
-        self.advance_positions(written)
-    }
-
     /// The changelog positions this store may record after a write: a
     /// partition's position moves past the write only when the write
-    /// follows it directly. Otherwise records this store lacks lie in
-    /// between (another instance wrote there, say while this one was
-    /// expelled from the group and did not know it yet, or an earlier try
-    /// of this write landed): they are read into the store now, which
-    /// also moves the position to the partition's end.
+    /// follows it directly and nothing else lies among its records.
+    /// Otherwise records this store lacks lie before or among them
+    /// (another instance wrote there, say while this one was expelled
+    /// from the group and did not know it yet, or an earlier try of this
+    /// write landed): they are read into the store now, which also moves
+    /// the position to the partition's end.
     fn advance_positions(&self, written: Vec<Written>) -> Result<Vec<Progress>, BatchError> {
         let mut advanced = Vec::with_capacity(written.len());
         for w in written {
             let (topic, partition) = (&w.after.topic, w.after.partition);
             let known = self.store_retrying(|| self.store.changelog_position(topic, partition))?;
-            if known == Some(w.first) {
+            if w.follows(known) {
                 advanced.push(w.after);
                 continue;
             }
@@ -788,9 +784,18 @@ impl BatchProcessor {
             }
             for chunk in expired.chunks(10_000) {
                 let tombstones = changelog.records(chunk.iter().map(|k| (k, None)));
-                let positions = self.send_changelog(&tombstones)?;
+                let sent = Some(changelog.start(&tombstones));
+                let written = self.changelog_acknowledged(&tombstones, sent)?;
                 self.store.remove(chunk)?;
-                self.record_progress(&[], &positions)?;
+                // After the removal: a restore that reads records written
+                // after the tombstones must leave them in the store. With
+                // a transactional sink, the store's position lags a batch
+                // and every transaction leaves a marker, so the gap check
+                // would always restore: the position is left as it is.
+                if !self.transactional_sink {
+                    let positions = self.advance_positions(written)?;
+                    self.record_progress(&[], &positions)?;
+                }
             }
             tracing::info!(
                 topic,

@@ -125,7 +125,7 @@ impl Metrics {
             ),
             restored: counter(
                 "idem_dedup_restored_records_total",
-                "Changelog records read into the dedup store when partitions were assigned.",
+                "Changelog records read into the dedup store: on partition assignment, and when a write found records of another writer before or among its own.",
             ),
             restore_remaining: gauge_vec(
                 "idem_dedup_restore_remaining_records",
