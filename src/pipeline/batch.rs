@@ -337,31 +337,35 @@ impl BatchProcessor {
             )),
             None => Vec::new(),
         };
-        let mut positions = std::mem::take(&mut self.changelog_positions);
-        if self.sink.transactional().is_some() {
+        if self.transactional_sink {
             // The changelog records join the sink's transaction (step 7).
+            let positions = std::mem::take(&mut self.changelog_positions);
             self.write_store(&entries, &progress, &positions, true)?;
             self.step_done("store", &mut step);
             self.crash.check("after-dedup-write")?;
             self.changelog_positions = self.commit_transaction(committer, &progress, &changelog)?;
         } else {
-            if changelog.is_empty() {
-                self.write_store(&entries, &progress, &positions, false)?;
-                self.step_done("store", &mut step);
-            } else {
-                // The broker acknowledges the changelog records while
-                // RocksDB syncs. The progress that lets a restart skip the
-                // batch is recorded only once both are done: a crash in
-                // between reads the batch again, and the re-read restates
-                // its records to the changelog (see `classify`).
-                let sent = self.changelog.as_ref().map(|c| c.start(&changelog));
-                self.write_store(&entries, &[], &[], false)?;
-                self.step_done("store", &mut step);
-                self.crash.check("before-changelog-ack")?;
-                let written = self.changelog_acknowledged(&changelog, sent)?;
-                positions.extend(self.advance_positions(written)?);
-                self.step_done("changelog", &mut step);
-                self.record_progress(&progress, &positions)?;
+            match self.changelog.as_ref().filter(|_| !changelog.is_empty()) {
+                None => {
+                    self.write_store(&entries, &progress, &[], false)?;
+                    self.step_done("store", &mut step);
+                }
+                Some(c) => {
+                    // The broker acknowledges the changelog records while
+                    // RocksDB syncs. The progress that lets a restart skip
+                    // the batch is recorded only once both are done: a
+                    // crash in between reads the batch again, and the
+                    // re-read restates its records to the changelog (see
+                    // `classify`).
+                    let sent = c.start(&changelog);
+                    self.write_store(&entries, &[], &[], false)?;
+                    self.step_done("store", &mut step);
+                    self.crash.check("before-changelog-ack")?;
+                    let written = self.changelog_acknowledged(c, &changelog, sent)?;
+                    let positions = self.advance_positions(written)?;
+                    self.step_done("changelog", &mut step);
+                    self.record_progress(&progress, &positions)?;
+                }
             }
             self.crash.check("after-dedup-write")?;
             // Step 7: the commit, last.
@@ -667,12 +671,10 @@ impl BatchProcessor {
     /// records again until all are acknowledged.
     fn changelog_acknowledged(
         &self,
+        changelog: &Changelog,
         records: &[ChangelogRecord],
-        sent: Option<Result<Sent, ChangelogError>>,
+        sent: Result<Sent, ChangelogError>,
     ) -> Result<Vec<Written>, BatchError> {
-        let (Some(changelog), Some(sent)) = (&self.changelog, sent) else {
-            return Ok(Vec::new());
-        };
         let mut backoff = Backoff::new(self.retry);
         let mut acked = sent.and_then(|sent| changelog.acknowledged(records, sent));
         loop {
@@ -784,8 +786,8 @@ impl BatchProcessor {
             }
             for chunk in expired.chunks(10_000) {
                 let tombstones = changelog.records(chunk.iter().map(|k| (k, None)));
-                let sent = Some(changelog.start(&tombstones));
-                let written = self.changelog_acknowledged(&tombstones, sent)?;
+                let sent = changelog.start(&tombstones);
+                let written = self.changelog_acknowledged(changelog, &tombstones, sent)?;
                 self.store.remove(chunk)?;
                 // After the removal: a restore that reads records written
                 // after the tombstones must leave them in the store. With
