@@ -20,11 +20,11 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer as _};
 
 use crate::config::Config;
 use crate::decode::DeadLetterReason;
-use crate::delivery::{opaque, send_waiting, wait_delivered, Deliveries};
+use crate::delivery::{opaque, send_waiting, Producer};
 use crate::fault::{self, Fault};
 use crate::record::Record;
 
@@ -51,7 +51,7 @@ pub struct DeadLetterError {
 const OMIT_KEY_AND_HEADERS_OVER: usize = 256 << 10;
 
 pub struct DeadLetterProducer {
-    producer: BaseProducer<Deliveries>,
+    producer: Producer,
     topic: String,
     timeout: Duration,
     generation: AtomicUsize,
@@ -89,7 +89,7 @@ impl DeadLetterProducer {
                 "topic.metadata.propagation.max.ms",
                 timeout_ms.min(5_000).to_string(),
             );
-        let producer = client.create_with_context(Deliveries::default())?;
+        let producer = Producer::create(&client)?;
         Ok(DeadLetterProducer {
             producer,
             topic: config.dead_letter.topic.clone(),
@@ -118,25 +118,30 @@ impl DeadLetterProducer {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let mut errors: HashMap<usize, String> = HashMap::new();
         let mut too_large = Vec::new();
+        let mut sent = 0;
         for (i, letter) in letters.iter().enumerate() {
             match self.produce(letter, opaque(generation, i), false) {
-                Ok(()) => {}
+                Ok(()) => sent += 1,
                 Err(e) if fault::kafka_delivery(&e) == Fault::Record => too_large.push(i),
                 Err(e) => {
                     errors.insert(i, e.to_string());
                 }
             }
         }
-        let _ = self.wait();
+        let _ = self.wait(generation, sent);
         let mut delivered = self.take_reports(generation, &mut errors, &mut too_large);
 
         if !too_large.is_empty() {
+            let mut sent = 0;
             for &i in &too_large {
-                if let Err(e) = self.produce(&letters[i], opaque(generation, i), true) {
-                    errors.insert(i, e.to_string());
+                match self.produce(&letters[i], opaque(generation, i), true) {
+                    Ok(()) => sent += 1,
+                    Err(e) => {
+                        errors.insert(i, e.to_string());
+                    }
                 }
             }
-            let _ = self.wait();
+            let _ = self.wait(generation, sent);
             let mut still_too_large = Vec::new();
             delivered.extend(self.take_reports(generation, &mut errors, &mut still_too_large));
             for i in still_too_large {
@@ -166,8 +171,11 @@ impl DeadLetterProducer {
         })
     }
 
-    fn wait(&self) -> Result<(), KafkaError> {
-        wait_delivered(&self.producer, self.timeout + Duration::from_secs(1))
+    /// Waits for the reports of the `count` letters sent in `generation`.
+    fn wait(&self, generation: usize, count: usize) -> Result<(), KafkaError> {
+        self.producer
+            .context()
+            .wait(generation, count, self.timeout + Duration::from_secs(1))
     }
 
     /// This send's delivery reports: the delivered indexes are returned,

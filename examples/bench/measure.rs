@@ -60,6 +60,12 @@ pub struct MeasureArgs {
     /// idem runs, instead of measuring a topic that is already full.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// With `--rate`: the batch latencies and step times are taken over
+    /// the batches after this many seconds of paced input (connections,
+    /// caches and the first batches' backlog settle meanwhile); the whole
+    /// run's p99 is kept beside them.
+    #[arg(long, default_value_t = 3.0)]
+    pub warmup_secs: f64,
     #[command(flatten)]
     pub workload: Shape,
     #[arg(long, default_value_t = 1800)]
@@ -105,9 +111,12 @@ pub fn run(args: &MeasureArgs) -> anyhow::Result<RunResult> {
     let mut idem = Idem::spawn(args)?;
     let started = idem.wait_for_assignment(&args.metrics, deadline)?;
 
+    // With --rate: the metrics as they stood at the end of the warm-up.
+    let mut warmed_up: Option<Vec<scrape::Sample>> = None;
     let produced = match args.rate {
         Some(rate) => {
             let (target, shape) = (args.target.clone(), args.workload.clone());
+            let pacing = Instant::now();
             let producer =
                 std::thread::spawn(move || workload::produce(&target, &shape, Some(rate)));
             let produced = loop {
@@ -115,8 +124,17 @@ pub fn run(args: &MeasureArgs) -> anyhow::Result<RunResult> {
                     break producer.join().expect("producer thread")?;
                 }
                 idem.check_alive()?;
+                if warmed_up.is_none() && pacing.elapsed().as_secs_f64() >= args.warmup_secs {
+                    warmed_up = Some(scrape::fetch(&args.metrics)?);
+                }
                 std::thread::sleep(Duration::from_millis(100));
             };
+            anyhow::ensure!(
+                warmed_up.is_some(),
+                "{}: the paced input ended within the {} s warm-up",
+                args.label,
+                args.warmup_secs
+            );
             Some(produced)
         }
         None => None,
@@ -160,7 +178,12 @@ pub fn run(args: &MeasureArgs) -> anyhow::Result<RunResult> {
 
     // The metrics of the last batch are updated just after its commit.
     let samples = wait_for_count(&args.metrics, records as f64)?;
-    let histogram = scrape::buckets(&samples, "idem_batch_seconds");
+    // Latencies and step times: after the warm-up, if there was one.
+    let timed = match &warmed_up {
+        Some(earlier) => scrape::since(&samples, earlier),
+        None => samples.clone(),
+    };
+    let histogram = scrape::buckets(&timed, "idem_batch_seconds");
     let batches = histogram.last().map_or(0.0, |b| b.1);
     let mut result = RunResult {
         label: args.label.clone(),
@@ -172,6 +195,11 @@ pub fn run(args: &MeasureArgs) -> anyhow::Result<RunResult> {
         peak_rss_kib: idem.peak_rss_kib(),
         ..RunResult::default()
     };
+    if warmed_up.is_some() {
+        result.warmup_secs = Some(args.warmup_secs);
+        let whole = scrape::buckets(&samples, "idem_batch_seconds");
+        result.p99_whole_ms = scrape::quantile(&whole, 0.99).map(|s| s * 1e3);
+    }
     for outcome in [
         "applied",
         "duplicate",
@@ -189,9 +217,9 @@ pub fn run(args: &MeasureArgs) -> anyhow::Result<RunResult> {
             result.outcomes.insert(outcome.to_string(), n as u64);
         }
     }
-    let batch_count = scrape::sum(&samples, "idem_batch_seconds_count", "");
+    let batch_count = scrape::sum(&timed, "idem_batch_seconds_count", "");
     if batch_count > 0.0 {
-        let total = scrape::sum(&samples, "idem_batch_seconds_sum", "");
+        let total = scrape::sum(&timed, "idem_batch_seconds_sum", "");
         result
             .mean_ms
             .insert("batch".to_string(), 1e3 * total / batch_count);
@@ -199,7 +227,7 @@ pub fn run(args: &MeasureArgs) -> anyhow::Result<RunResult> {
         // step adds to a batch on average, retries included.
         for step in crate::report::STEPS {
             let label = format!("step=\"{step}\"");
-            let total = scrape::sum(&samples, "idem_batch_step_seconds_sum", &label);
+            let total = scrape::sum(&timed, "idem_batch_step_seconds_sum", &label);
             if total > 0.0 {
                 result
                     .mean_ms

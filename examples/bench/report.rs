@@ -40,6 +40,13 @@ pub struct RunResult {
     pub outcomes: BTreeMap<String, u64>,
     /// The paced producer's achieved rate (steady runs).
     pub offered_rate: Option<f64>,
+    /// Steady runs: the latencies, batch count and step times are over the
+    /// batches after this many seconds of paced input.
+    #[serde(default)]
+    pub warmup_secs: Option<f64>,
+    /// Steady runs: the p99 over every batch, warm-up included.
+    #[serde(default)]
+    pub p99_whole_ms: Option<f64>,
     /// Mean time per batch (exact: sums over the batch count): `batch`,
     /// and each step of `idem_batch_step_seconds`: `classify`, `sink`,
     /// `dead_letter`, `changelog`, `store`, `commit`.
@@ -186,6 +193,12 @@ pub fn print(path: &Path) -> anyhow::Result<()> {
         "Latency: idem_batch_seconds (decode to offset commit, per batch), quantiles \
          interpolated linearly inside its buckets (bounds 5, 10, 25, 50, 100 ms ...)."
     );
+    if let Some(warmup) = runs.iter().find_map(|r| r.warmup_secs) {
+        println!(
+            "The paced run's latencies and step times leave out its first {warmup:.0} s \
+             (connections, caches and the first batches' backlog settling)."
+        );
+    }
     let timed: Vec<&RunResult> = runs
         .iter()
         .filter(|r| STEPS.iter().any(|s| r.mean_ms.contains_key(*s)))
@@ -298,6 +311,12 @@ fn targets(runs: &[RunResult], limit: Option<f64>) -> Vec<String> {
                 steady.offered_rate.unwrap_or(0.0),
                 verdict(p99 < 50.0)
             ));
+            if let (Some(warmup), Some(whole)) = (steady.warmup_secs, steady.p99_whole_ms) {
+                out.push(format!(
+                    "        over the batches after the first {warmup:.0} s of paced input; \
+                     over every batch, the first ones included: {whole:.1} ms"
+                ));
+            }
         }
     }
     out

@@ -54,6 +54,24 @@ pub fn parse(text: &str) -> Vec<Sample> {
         .collect()
 }
 
+/// What the counters and histograms of `later` added since `earlier`
+/// (a sample missing from `earlier` counts from 0).
+pub fn since(later: &[Sample], earlier: &[Sample]) -> Vec<Sample> {
+    later
+        .iter()
+        .map(|s| {
+            let before = earlier
+                .iter()
+                .find(|e| e.name == s.name && e.labels == s.labels)
+                .map_or(0.0, |e| e.value);
+            Sample {
+                value: s.value - before,
+                ..s.clone()
+            }
+        })
+        .collect()
+}
+
 /// The sum of every sample of `name` whose labels contain `filter`.
 pub fn sum(samples: &[Sample], name: &str, filter: &str) -> f64 {
     samples

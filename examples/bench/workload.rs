@@ -235,6 +235,14 @@ pub fn produce(target: &Target, shape: &Shape, rate: Option<f64>) -> anyhow::Res
         .create_with_context(Deliveries::default())
         .context("creating the producer")?;
 
+    if rate.is_some() {
+        // Connected before the pacing starts: records sent meanwhile would
+        // reach the broker in one burst once it is.
+        producer
+            .client()
+            .fetch_metadata(Some(&target.topic), Duration::from_secs(10))
+            .context("reading the topic's metadata")?;
+    }
     let started = Instant::now();
     let mut produced = Produced {
         records: 0,

@@ -27,7 +27,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::producer::{BaseRecord, Producer as _};
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
 use rocksdb::{IteratorMode, WriteBatch};
 
@@ -35,7 +35,7 @@ use super::{
     partition_prefix, DedupKey, DedupStore, Entry, Progress, StoreError, CF_CHANGELOG, CF_DEDUP,
 };
 use crate::config::Config;
-use crate::delivery::{opaque, send_waiting, wait_delivered, Deliveries};
+use crate::delivery::{opaque, send_waiting, Producer};
 use crate::record::{Offset, Partition};
 use crate::telemetry::logging::LoggedContext;
 
@@ -59,11 +59,7 @@ impl ChangelogRecord {
     ///
     /// # Errors
     /// librdkafka refused the record.
-    pub fn send<C: ProducerContext<DeliveryOpaque = usize>>(
-        &self,
-        producer: &BaseProducer<C>,
-        opaque: usize,
-    ) -> Result<(), KafkaError> {
+    pub fn send(&self, producer: &Producer, opaque: usize) -> Result<(), KafkaError> {
         let value = self.entry.map(|e| e.encode());
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(&self.topic, opaque)
@@ -123,7 +119,7 @@ pub struct Sent(usize);
 
 /// Writes to the changelog topics and reads them back.
 pub struct Changelog {
-    producer: BaseProducer<Deliveries>,
+    producer: Producer,
     /// Input topic -> changelog topic.
     topics: HashMap<String, String>,
     client: ClientConfig,
@@ -175,14 +171,15 @@ impl Changelog {
             }
             checked?;
         }
-        let producer = client
-            .clone()
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "2")
-            .set("message.timeout.ms", timeout.as_millis().to_string())
-            .create_with_context(Deliveries::default())
-            .map_err(|e| ChangelogError::Misconfigured(e.to_string()))?;
+        let producer = Producer::create(
+            client
+                .clone()
+                .set("acks", "all")
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "2")
+                .set("message.timeout.ms", timeout.as_millis().to_string()),
+        )
+        .map_err(|e| ChangelogError::Misconfigured(e.to_string()))?;
         Ok(Changelog {
             producer,
             topics,
@@ -255,7 +252,9 @@ impl Changelog {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        wait_delivered(&self.producer, self.timeout)
+        self.producer
+            .context()
+            .wait(sent.0, records.len(), self.timeout)
             .map_err(|e| ChangelogError::Unavailable(format!("not acknowledged: {e}")))?;
         positions(records, self.producer.context().take(sent.0))
             .map_err(ChangelogError::Unavailable)

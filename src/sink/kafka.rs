@@ -34,21 +34,21 @@
 //!   outside a transaction it owns.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer as _};
 use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
 
 use super::{Sink, SinkError, SinkWrite, TransactionError, Transactional, WriteOutcome};
 use crate::config::{Config, KafkaSinkConfig};
 use crate::dedup::changelog::{block_on_timeout, positions};
 use crate::dedup::{ChangelogRecord, Progress};
-use crate::delivery::{opaque, send_waiting, wait_delivered, Deliveries};
+use crate::delivery::{opaque, send_waiting, Producer};
 use crate::fault::{self, Fault, TransactionFault};
 use crate::telemetry::logging::LoggedContext;
 
@@ -62,7 +62,7 @@ const FRAMING_BYTES: usize = 512;
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
 
 pub struct KafkaSink {
-    producer: BaseProducer<Deliveries>,
+    producer: Producer,
     topic: String,
     key_from: Option<String>,
     /// A transaction is open: `apply` wrote into it, or `commit` began it.
@@ -108,8 +108,7 @@ impl KafkaSink {
                     .clamp(1_000, 1_000_000_000)
                     .to_string(),
             );
-        let producer: BaseProducer<Deliveries> = client
-            .create_with_context(Deliveries::default())
+        let producer = Producer::create(&client)
             .map_err(|e| SinkError::NeedsOperator(format!("kafka sink: {e}")))?;
         producer
             .init_transactions(timeout)
@@ -180,7 +179,7 @@ impl KafkaSink {
             #[cfg(feature = "failpoints")]
             if i == batch.len() / 2 {
                 // Half the batch is delivered inside the open transaction.
-                let _ = wait_delivered(&self.producer, self.timeout);
+                let _ = self.producer.context().wait(generation, sent, self.timeout);
                 crate::failpoint::hit("mid-sink-batch");
             }
             let key = match output_key(write, self.key_from.as_deref()) {
@@ -199,7 +198,7 @@ impl KafkaSink {
             }
         }
         if sent > 0 {
-            if let Err(e) = wait_delivered(&self.producer, self.timeout) {
+            if let Err(e) = self.producer.context().wait(generation, sent, self.timeout) {
                 return Attempt::Failed(Failure::Retry(format!("outputs not acknowledged: {e}")));
             }
         }
@@ -242,6 +241,29 @@ impl KafkaSink {
                 .payload(write.raw)
                 .headers(headers);
         send_waiting(&self.producer, record)
+    }
+
+    /// Waits for the acknowledgements of the `count` changelog records of
+    /// `generation`, so that the commit does not wait for them: rust-rdkafka's
+    /// `commit_transaction` flushes first, and its flush polls for 100 ms
+    /// whenever a record is still in flight. Records not acknowledged in
+    /// time are left to the commit. The producer's thread releases a
+    /// report's records just after handing the report over, so the wait
+    /// ends with librdkafka counting none in flight.
+    fn await_changelog(&self, generation: usize, count: usize) {
+        if count == 0
+            || self
+                .producer
+                .context()
+                .wait(generation, count, self.timeout)
+                .is_err()
+        {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 
     fn abort_open(&mut self) {
@@ -435,6 +457,7 @@ impl Transactional for KafkaSink {
             let failure = transaction_failure(&e);
             return Err(fail(self, failure));
         }
+        self.await_changelog(generation, changelog.len());
         crate::failpoint::hit("before-transaction-commit");
         // A commit that timed out may be called again; it then finishes
         // the same transaction.
