@@ -426,6 +426,14 @@ fn set_start_offsets(
     Ok(from_store)
 }
 
+/// `wait` rounded up to whole milliseconds. librdkafka waits in whole
+/// milliseconds and rust-rdkafka's poll rounds the time left down, then
+/// polls without waiting until the timeout has passed: a fraction of a
+/// millisecond left is spent spinning.
+fn whole_millis(wait: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX))
+}
+
 /// Pauses or resumes fetching for every assigned partition.
 fn set_paused(consumer: &BaseConsumer<IdemContext>, pause: bool) {
     let Ok(assignment) = consumer.assignment() else {
@@ -643,7 +651,7 @@ pub fn run(
                 .min(Duration::from_millis(200)),
             None => lock().poll_timeout(&config.batch),
         };
-        let polled = consumer.poll(timeout);
+        let polled = consumer.poll(whole_millis(timeout));
         let idle = polled.is_none();
         if let Some(e) = lock().failed.take() {
             break Err(e);
@@ -798,6 +806,23 @@ topic = "t.dlq"
 "#
         );
         Config::parse(&text, std::path::Path::new("test.toml")).expect("test config")
+    }
+
+    #[test]
+    fn a_poll_waits_whole_milliseconds() {
+        assert_eq!(
+            whole_millis(Duration::from_micros(3_500)),
+            Duration::from_millis(4)
+        );
+        assert_eq!(
+            whole_millis(Duration::from_micros(1)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            whole_millis(Duration::from_millis(7)),
+            Duration::from_millis(7)
+        );
+        assert_eq!(whole_millis(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]
