@@ -58,7 +58,7 @@ current=""
 while IFS= read -r line; do
   case "$line" in
     *"Running tests/postgres.rs"*|*"Running tests/chaos.rs"*) current=postgres ;;
-    *"Running tests/pipeline.rs"*|*"Running tests/http.rs"*|*"Running tests/files.rs"*|*"Running tests/crash.rs"*|*"Running tests/operations.rs"*|*"Running tests/observability.rs"*|*"Running tests/kafka_sink.rs"*|*"Running tests/scale_out.rs"*|*"Running tests/hostile.rs"*|*"Running tests/security.rs"*) current=broker ;;
+    *"Running tests/pipeline.rs"*|*"Running tests/http.rs"*|*"Running tests/files.rs"*|*"Running tests/crash.rs"*|*"Running tests/operations.rs"*|*"Running tests/observability.rs"*|*"Running tests/kafka_sink.rs"*|*"Running tests/scale_out.rs"*|*"Running tests/hostile.rs"*|*"Running tests/security.rs"*|*"Running tests/outage.rs"*) current=broker ;;
     *"Running "*) current=other ;;
     "test result:"*)
       p=$(sed -E 's/.* ([0-9]+) passed.*/\1/' <<<"$line")

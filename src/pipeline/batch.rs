@@ -89,7 +89,8 @@ pub enum BatchError {
     #[error("sink failed for good: {0}")]
     SinkFatal(String),
     /// The sink's transaction aborted and the batch's dedup records were
-    /// taken back; [`BatchProcessor::process`] does the batch again.
+    /// taken back; [`BatchProcessor::process`] hands the batch back as
+    /// [`BatchError::SinkDown`], to be done again.
     #[error("sink transaction aborted: {0}")]
     TransactionAborted(String),
     /// Policy `fail`: a partition has no offset to start from.
@@ -135,6 +136,8 @@ pub struct BatchProcessor {
     changelog_positions: Vec<Progress>,
     /// Backoff of the sink's failed writes, across tries of a batch.
     sink_backoff: Backoff,
+    /// Backoff of a batch whose transaction aborted, across its tries.
+    abort_backoff: Backoff,
     /// Offsets committed without waiting, and not yet confirmed by a
     /// synchronous commit (see [`BatchProcessor::confirm_commits`]).
     unconfirmed: BTreeMap<(String, Partition), Offset>,
@@ -172,6 +175,7 @@ impl BatchProcessor {
             changelog,
             changelog_positions: Vec::new(),
             sink_backoff: Backoff::new(config.retry),
+            abort_backoff: Backoff::new(config.retry),
             unconfirmed: BTreeMap::new(),
             metrics,
             readiness,
@@ -197,35 +201,37 @@ impl BatchProcessor {
         if records.is_empty() {
             return Ok(());
         }
-        let mut backoff = Backoff::new(self.retry);
-        loop {
-            match self.process_once(records, committer) {
-                // The sink's transaction was aborted: nothing of the batch
-                // took effect and its dedup records were taken back. Its
-                // records are still in hand, and the group's offsets still
-                // point at the first of them: do it again.
-                Err(BatchError::TransactionAborted(why)) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        error = %why,
-                        attempt = backoff.attempt(),
-                        "sink transaction aborted; doing the batch again"
-                    );
-                    self.metrics.transactions_aborted.inc();
-                    if self.shutdown.sleep(delay) {
-                        return Err(BatchError::Interrupted);
+        match self.process_once(records, committer) {
+            // The sink's transaction was aborted: nothing of the batch took
+            // effect and its dedup records were taken back. The batch is
+            // handed back as if the sink were down, and done again after
+            // the backoff: meanwhile the consumer loop keeps polling, so
+            // that a member the group expelled (an outage longer than the
+            // session timeout) rejoins. The transaction's offsets name the
+            // member, so without that every try would abort again.
+            Err(BatchError::TransactionAborted(why)) => {
+                let delay = self.abort_backoff.next_delay();
+                tracing::warn!(
+                    error = %why,
+                    attempt = self.abort_backoff.attempt(),
+                    backoff_ms = delay.as_millis() as u64,
+                    "sink transaction aborted; the batch is done again after the backoff"
+                );
+                self.metrics.transactions_aborted.inc();
+                Err(BatchError::SinkDown(delay))
+            }
+            Err(e) => {
+                if matches!(e, BatchError::Interrupted | BatchError::Store(_)) {
+                    // Leave no transaction open behind us.
+                    if let Some(txn) = self.sink.transactional() {
+                        txn.abort();
                     }
                 }
-                Err(e) => {
-                    if matches!(e, BatchError::Interrupted | BatchError::Store(_)) {
-                        // Leave no transaction open behind us.
-                        if let Some(txn) = self.sink.transactional() {
-                            txn.abort();
-                        }
-                    }
-                    return Err(e);
-                }
-                Ok(()) => return Ok(()),
+                Err(e)
+            }
+            Ok(()) => {
+                self.abort_backoff = Backoff::new(self.retry);
+                Ok(())
             }
         }
     }

@@ -762,7 +762,7 @@ pub fn run(
             Err(PipelineError::Sink(crate::sink::SinkError::Fatal(why)))
         }
         Err(BatchError::TransactionAborted(why)) => {
-            unreachable!("aborted transactions are redone inside the batch: {why}")
+            unreachable!("a batch whose transaction aborted comes back as SinkDown: {why}")
         }
         Err(BatchError::NoStartingOffset(why)) => {
             error!(why, "refusing to guess where a partition starts");
