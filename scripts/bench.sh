@@ -95,9 +95,13 @@ trap cleanup EXIT
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
   "$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== starting Apache Kafka and PostgreSQL on 127.0.0.1 (in $dir)"
-bootstrap=$(scripts/kafka.sh start "$dir/kafka")
 pg_url=""
+if [ "$mode" = throughput ] || [ "$mode" = all ]; then
+  echo "== starting Apache Kafka and PostgreSQL on 127.0.0.1 (in $dir)"
+else
+  echo "== starting Apache Kafka on 127.0.0.1 (in $dir)"
+fi
+bootstrap=$(scripts/kafka.sh start "$dir/kafka")
 if [ "$mode" = throughput ] || [ "$mode" = all ]; then
   pg_url=$(scripts/postgres.sh start "$dir/pg")
 fi

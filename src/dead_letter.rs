@@ -24,7 +24,7 @@ use rdkafka::producer::{BaseRecord, Producer as _};
 
 use crate::config::Config;
 use crate::decode::DeadLetterReason;
-use crate::delivery::{opaque, send_waiting, Producer};
+use crate::delivery::{opaque, send_waiting, Producer, Unacknowledged};
 use crate::fault::{self, Fault};
 use crate::record::Record;
 
@@ -172,7 +172,7 @@ impl DeadLetterProducer {
     }
 
     /// Waits for the reports of the `count` letters sent in `generation`.
-    fn wait(&self, generation: usize, count: usize) -> Result<(), KafkaError> {
+    fn wait(&self, generation: usize, count: usize) -> Result<(), Unacknowledged> {
         self.producer
             .context()
             .wait(generation, count, self.timeout + Duration::from_secs(1))

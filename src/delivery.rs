@@ -80,6 +80,15 @@ pub fn opaque(generation: usize, index: usize) -> usize {
     (generation << INDEX_BITS) | index
 }
 
+/// Records whose delivery reports did not come in time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{missing} of {sent} records not acknowledged within {} ms", limit.as_millis())]
+pub struct Unacknowledged {
+    pub missing: usize,
+    pub sent: usize,
+    pub limit: Duration,
+}
+
 /// One delivery report: the record's index in its send, and the offset
 /// written or the error.
 pub type Report = (usize, Result<i64, KafkaError>);
@@ -115,8 +124,13 @@ impl Deliveries {
     /// `limit` has passed.
     ///
     /// # Errors
-    /// [`KafkaError::Flush`] with a timeout when fewer came in time.
-    pub fn wait(&self, generation: usize, count: usize, limit: Duration) -> Result<(), KafkaError> {
+    /// [`Unacknowledged`] when fewer came in time.
+    pub fn wait(
+        &self,
+        generation: usize,
+        count: usize,
+        limit: Duration,
+    ) -> Result<(), Unacknowledged> {
         let deadline = Instant::now() + limit;
         let mut state = self.lock();
         state.awaited = Some((generation, count));
@@ -126,7 +140,11 @@ impl Deliveries {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+                break Err(Unacknowledged {
+                    missing: count - state.count(generation),
+                    sent: count,
+                    limit,
+                });
             }
             state = self
                 .complete
@@ -240,12 +258,9 @@ mod tests {
         // A send with a report still missing times out.
         send(3, 1);
         let missing = deliveries.wait(3, 2, Duration::from_millis(300));
-        assert!(
-            matches!(
-                missing,
-                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
-            ),
-            "{missing:?}"
+        assert_eq!(
+            missing.map_err(|e| e.to_string()),
+            Err("1 of 2 records not acknowledged within 300 ms".to_string())
         );
         deliveries
             .wait(3, 1, Duration::from_secs(10))

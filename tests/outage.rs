@@ -91,7 +91,7 @@ fn a_kafka_sink_expelled_during_an_outage_rejoins_and_finishes() {
     let total = 6_000;
     let records: Vec<Rec> = (0..total)
         .map(|n| {
-            let partition = (n % 2) as i32;
+            let partition = n % 2;
             Rec::order(
                 partition,
                 &format!("K{n}"),

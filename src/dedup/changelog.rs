@@ -254,8 +254,10 @@ impl Changelog {
         }
         self.producer
             .context()
-            .wait(sent.0, records.len(), self.timeout)
-            .map_err(|e| ChangelogError::Unavailable(format!("not acknowledged: {e}")))?;
+            // A second past librdkafka's own delivery timeout, so that its
+            // reports, which say why, come in first.
+            .wait(sent.0, records.len(), self.timeout + Duration::from_secs(1))
+            .map_err(|e| ChangelogError::Unavailable(e.to_string()))?;
         positions(records, self.producer.context().take(sent.0))
             .map_err(ChangelogError::Unavailable)
     }

@@ -199,7 +199,7 @@ impl KafkaSink {
         }
         if sent > 0 {
             if let Err(e) = self.producer.context().wait(generation, sent, self.timeout) {
-                return Attempt::Failed(Failure::Retry(format!("outputs not acknowledged: {e}")));
+                return Attempt::Failed(Failure::Retry(format!("outputs: {e}")));
             }
         }
         let mut refused = false;
