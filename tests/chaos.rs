@@ -25,35 +25,13 @@ use std::time::{Duration, Instant};
 
 use common::receiver::Receiver;
 use common::*;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::TopicPartitionList;
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Runs one of the project's service scripts; returns its last line.
-fn script(name: &str, args: &[&str]) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts")
-        .join(name);
-    let out = Command::new(&path).args(args).output().expect("script");
-    assert!(
-        out.status.success(),
-        "{name} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }
 
 /// The broker and the PostgreSQL server of this test, stopped on drop.
@@ -97,31 +75,6 @@ impl Drop for Services {
             .output();
         let _ = std::fs::remove_dir_all(&self.pg);
     }
-}
-
-/// Committed offsets, or None while the broker cannot answer.
-fn try_committed(group: &str, topic: &str, partitions: i32) -> Option<Vec<i64>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .ok()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = consumer
-        .committed_offsets(tpl, Duration::from_secs(5))
-        .ok()?;
-    Some(
-        (0..partitions)
-            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-                Some(rdkafka::Offset::Offset(o)) => o,
-                _ => -1,
-            })
-            .collect(),
-    )
 }
 
 fn pg_rows(url: &str, table: &str) -> BTreeMap<String, (i64, i64)> {

@@ -12,55 +12,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::TopicPartitionList;
-
-/// Runs `scripts/kafka.sh` with `args`; returns its last line.
-fn kafka_sh(args: &[&str]) -> String {
-    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh"))
-        .args(args)
-        .output()
-        .expect("kafka.sh");
-    assert!(
-        out.status.success(),
-        "kafka.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-/// The records the group has committed past, summed over the partitions;
-/// `None` while the broker does not answer.
-fn committed_sum(group: &str, topic: &str, partitions: i32) -> Option<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .ok()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = consumer
-        .committed_offsets(tpl, Duration::from_secs(5))
-        .ok()?;
-    Some(
-        got.elements()
-            .iter()
-            .map(|e| match e.offset() {
-                rdkafka::Offset::Offset(o) => o,
-                _ => 0,
-            })
-            .sum(),
-    )
-}
 
 /// Stops the test's broker however the test ends.
 struct Broker(tempfile::TempDir);
@@ -83,7 +34,10 @@ fn a_kafka_sink_expelled_during_an_outage_rejoins_and_finishes() {
     let broker_dir = broker.0.path().to_str().unwrap().to_string();
     // This test binary has this one test: the helpers in `common` read the
     // broker's address from here.
-    std::env::set_var("IDEM_KAFKA_BOOTSTRAP", kafka_sh(&["start", &broker_dir]));
+    std::env::set_var(
+        "IDEM_KAFKA_BOOTSTRAP",
+        script("kafka.sh", &["start", &broker_dir]),
+    );
 
     let f = Fixture::with_partitions("outage", 2);
     let out = format!("{}.out", f.topic);
@@ -118,17 +72,21 @@ fn a_kafka_sink_expelled_during_an_outage_rejoins_and_finishes() {
     let config = f.write_text(&text);
     let log = f.dir.path().join("idem.log");
     let mut idem = Binary::start_logged(&config, "info", &log);
-    let progress = || committed_sum(&f.group, &f.topic, 2).unwrap_or(0);
+    let progress = || -> i64 {
+        try_committed(&f.group, &f.topic, 2)
+            .map(|c| c.iter().map(|o| (*o).max(0)).sum())
+            .unwrap_or(0)
+    };
     wait_for(
         Duration::from_secs(90),
         "the first batches committed",
         || progress() > 0,
     );
-    kafka_sh(&["stop", &broker_dir]);
+    script("kafka.sh", &["stop", &broker_dir]);
     // Longer than the session timeout: the member is gone when the broker
     // is back.
     std::thread::sleep(Duration::from_secs(12));
-    kafka_sh(&["restart", &broker_dir]);
+    script("kafka.sh", &["restart", &broker_dir]);
 
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while progress() < ends.iter().sum::<i64>() {

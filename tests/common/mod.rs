@@ -905,3 +905,47 @@ pub fn stream(total: usize, partitions: i32) -> Stream {
         duplicates,
     }
 }
+
+/// Committed offsets, or None while the broker cannot answer.
+pub fn try_committed(group: &str, topic: &str, partitions: i32) -> Option<Vec<i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .ok()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .ok()?;
+    Some(
+        (0..partitions)
+            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => -1,
+            })
+            .collect(),
+    )
+}
+
+/// Runs one of the project's service scripts; returns its last line.
+pub fn script(name: &str, args: &[&str]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name);
+    let out = Command::new(&path).args(args).output().expect("script");
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
