@@ -397,6 +397,10 @@ impl Sink for KafkaSink {
                 Attempt::Failed(failure) => {
                     let failure = self.note(failure);
                     self.abort_open();
+                    // An abort that failed leaves this producer done.
+                    if let Some(why) = &self.fatal {
+                        return Err(SinkError::Fatal(format!("kafka sink: {why}")));
+                    }
                     return Err(into_sink_error(failure));
                 }
             }

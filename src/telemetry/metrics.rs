@@ -116,8 +116,11 @@ impl Metrics {
             ),
             transactions_aborted: counter(
                 "idem_sink_transactions_aborted_total",
-                "Kafka sink transactions aborted (timed out, leader moved, a record \
-                 refused); each batch is done again, nothing is lost or doubled.",
+                "Kafka sink transactions aborted at their commit (timed out, leader \
+                 moved, the member unknown to the group); each batch is done again, \
+                 nothing is lost or doubled. Aborts before the commit (a delivery \
+                 failure, a record refused) count in idem_sink_retries_total or as \
+                 dead letters.",
             ),
             changelog_failures: counter(
                 "idem_dedup_changelog_failures_total",
