@@ -34,6 +34,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 
+/// idem's own allocator, so that the sink-alone run allocates as idem does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "idem's benchmark tool (see scripts/bench.sh)")]
 struct Cli {

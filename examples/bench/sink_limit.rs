@@ -71,6 +71,8 @@ topic = "unused"
         .collect();
     let started = Instant::now();
     let mut applied = 0u64;
+    let wal = dir.join("orders.db-wal");
+    let mut wal_peak = 0u64;
     for (n, chunk) in events.chunks(batch).enumerate() {
         let writes: Vec<SinkWrite<'_>> = chunk
             .iter()
@@ -86,11 +88,13 @@ topic = "unused"
             .collect();
         let outcomes = sink.apply(&writes).map_err(|e| anyhow::anyhow!("{e}"))?;
         applied += outcomes.len() as u64;
+        wal_peak = wal_peak.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "SQLite sink alone: {applied} records in {secs:.2} s, {:.0} records/s",
-        applied as f64 / secs
+        "SQLite sink alone: {applied} records in {secs:.2} s, {:.0} records/s; WAL at most {:.1} MiB",
+        applied as f64 / secs,
+        wal_peak as f64 / 1_048_576.0
     );
     let mut result = RunResult {
         label: label.to_string(),

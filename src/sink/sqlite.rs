@@ -19,14 +19,19 @@
 //! Speed: the page cache is [`CACHE_KIB`] instead of SQLite's 2 MiB, so
 //! that the pages of a table of a few hundred thousand entities stay in
 //! memory instead of being read back with one `pread` each, and values are
-//! bound by reference, without a copy per cell. The WAL is checkpointed
-//! (its pages copied into the database file) by a thread of its own with
-//! its own connection, woken after each commit, instead of inside the
-//! commit of every batch that crosses SQLite's 1,000-page threshold: the
-//! batch's latency no longer includes it. A checkpoint never makes a commit
-//! more or less durable (the commit is durable once the WAL is synced); if
-//! the thread falls behind, the writer checkpoints by itself at
-//! [`BACKSTOP_PAGES`].
+//! bound by reference, without a copy per cell.
+//!
+//! Checkpoints (copying the WAL's pages into the database file) run on a
+//! thread of their own with its own connection, so that a batch's latency
+//! does not include them. The thread is woken once the WAL holds
+//! [`CHECKPOINT_FRAMES`] pages, not after every commit: an upsert rewrites
+//! a whole page for one row, the same hot pages are written again by
+//! nearly every batch, and a checkpoint copies each page once however
+//! often the WAL holds it, then syncs the database file once. A checkpoint
+//! never makes a commit more or less durable (the commit is durable once
+//! the WAL is synced). If the thread falls behind, or never finishes while
+//! no write is open so that SQLite can start the WAL over, the writer
+//! checkpoints by itself at [`BACKSTOP_FRAMES`], which bounds the WAL.
 //!
 //! A record the database refuses (constraint, type mismatch, too big) is
 //! rejected alone: SQLite rolls back just that statement, and the rest of
@@ -34,10 +39,13 @@
 //! then fails the batch as unavailable, and the caller retries with
 //! backoff.
 
+use std::cell::Cell as StdCell;
+use std::os::raw::c_int;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::time::Duration;
 
+use rusqlite::hooks::Wal;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params_from_iter, Connection, ToSql};
 use serde_json::Value;
@@ -54,14 +62,55 @@ use crate::fault::{self, Fault};
 /// system call, inside the batch's transaction.
 pub const CACHE_KIB: i64 = 32 * 1024;
 
-/// The writer's own checkpoint threshold, in pages of WAL: reached only
-/// when the checkpoint thread cannot keep up (or cannot open the file).
-pub const BACKSTOP_PAGES: i64 = 10_000;
+/// Pages in the WAL after a commit that wake the checkpoint thread:
+/// 16 MiB of 4 KiB pages.
+pub const CHECKPOINT_FRAMES: u32 = 4_096;
+
+/// Pages in the WAL after a commit at which the writer checkpoints by
+/// itself before its next batch: 64 MiB of 4 KiB pages. Reached only when
+/// the thread falls behind; the WAL starts over at the writer's next
+/// transaction once everything in it has been copied.
+pub const BACKSTOP_FRAMES: u32 = 16_384;
+
+thread_local! {
+    /// Pages in the WAL after the last commit on this thread, set by
+    /// [`note_wal_frames`], which SQLite calls inside the commit.
+    static WAL_FRAMES: StdCell<u32> = const { StdCell::new(0) };
+}
+
+/// The writer's WAL hook (replacing SQLite's own automatic checkpoint).
+/// A plain function: it can only hand the count on through the thread.
+fn note_wal_frames(_: &Wal, frames: c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(u32::try_from(frames).unwrap_or(0));
+    Ok(())
+}
+
+/// What a commit that left `frames` pages in the WAL asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checkpoint {
+    NotYet,
+    WakeThread,
+    Inline,
+}
+
+fn checkpoint_after(frames: u32, wake_at: u32, backstop_at: u32) -> Checkpoint {
+    if frames >= backstop_at {
+        Checkpoint::Inline
+    } else if frames >= wake_at {
+        Checkpoint::WakeThread
+    } else {
+        Checkpoint::NotYet
+    }
+}
 
 pub struct SqliteSink {
     conn: Connection,
     /// Wakes the checkpoint thread; the thread ends when this is dropped.
+    /// `None`: SQLite's own automatic checkpoints run instead.
     checkpoint: Option<SyncSender<()>>,
+    /// [`CHECKPOINT_FRAMES`] and [`BACKSTOP_FRAMES`], lowered by tests.
+    wake_at: u32,
+    backstop_at: u32,
     mapping: TableMapping,
     sql: String,
     /// upsert: reads the version a row holds, to tell a replay of the
@@ -90,8 +139,7 @@ impl SqliteSink {
             .map_err(classify_batch_error)?;
         let checkpoint = start_checkpointer(&config.path, config.busy_timeout_ms);
         if checkpoint.is_some() {
-            conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_PAGES)
-                .map_err(classify_batch_error)?;
+            conn.wal_hook(Some(note_wal_frames));
         }
 
         let mapping = TableMapping::new(&config.table);
@@ -149,6 +197,8 @@ impl SqliteSink {
         Ok(SqliteSink {
             conn,
             checkpoint,
+            wake_at: CHECKPOINT_FRAMES,
+            backstop_at: BACKSTOP_FRAMES,
             mapping,
             sql,
             version_sql,
@@ -232,16 +282,36 @@ impl Sink for SqliteSink {
                 return Err(classify_batch_error(e));
             }
         };
+        WAL_FRAMES.set(0);
         if let Err(e) = self.conn.execute_batch("COMMIT") {
             let _ = self.conn.execute_batch("ROLLBACK");
             return Err(classify_batch_error(e));
         }
-        if let Some(wake) = &self.checkpoint {
+        self.after_commit(WAL_FRAMES.take());
+        Ok(outcomes)
+    }
+}
+
+impl SqliteSink {
+    fn after_commit(&self, frames: u32) {
+        let Some(wake) = &self.checkpoint else {
+            return;
+        };
+        match checkpoint_after(frames, self.wake_at, self.backstop_at) {
+            Checkpoint::NotYet => {}
             // Full: a wake-up is pending already, which will see this
             // commit's pages too.
-            let _ = wake.try_send(());
+            Checkpoint::WakeThread => {
+                let _ = wake.try_send(());
+            }
+            Checkpoint::Inline => {
+                tracing::debug!(
+                    frames,
+                    "sqlite sink: the WAL is long; checkpointing before the next batch"
+                );
+                checkpoint_passive(&self.conn);
+            }
         }
-        Ok(outcomes)
     }
 }
 
@@ -268,9 +338,15 @@ fn start_checkpointer(path: &Path, busy_timeout_ms: u64) -> Option<SyncSender<()
 /// the next batch's transaction can start while it runs.
 fn checkpoint_loop(conn: &Connection, woken: &Receiver<()>) {
     while woken.recv().is_ok() {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, "sqlite sink: checkpoint failed; the next commit retries it");
-        }
+        checkpoint_passive(conn);
+    }
+}
+
+/// A failed checkpoint loses nothing: the pages stay in the WAL, and the
+/// next one copies them.
+fn checkpoint_passive(conn: &Connection) {
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::debug!(error = %e, "sqlite sink: checkpoint failed; the next one retries it");
     }
 }
 
@@ -408,6 +484,90 @@ mod tests {
             apply(&mut sink, "c", r#"{"id":"x","ver":10,"qty":3}"#),
             WriteOutcome::AlreadyPresent
         );
+    }
+
+    #[test]
+    fn a_commit_asks_for_a_checkpoint_by_the_length_of_the_wal() {
+        assert_eq!(checkpoint_after(0, 10, 40), Checkpoint::NotYet);
+        assert_eq!(checkpoint_after(9, 10, 40), Checkpoint::NotYet);
+        assert_eq!(checkpoint_after(10, 10, 40), Checkpoint::WakeThread);
+        assert_eq!(checkpoint_after(39, 10, 40), Checkpoint::WakeThread);
+        assert_eq!(checkpoint_after(40, 10, 40), Checkpoint::Inline);
+    }
+
+    fn file_len(path: &std::path::Path) -> u64 {
+        std::fs::metadata(path).map_or(0, |m| m.len())
+    }
+
+    fn batch_of(sink: &mut SqliteSink, rows: usize) {
+        let bodies: Vec<(IdemKey, Value)> = (0..rows)
+            .map(|i| {
+                let body = serde_json::json!({"id": format!("ord-{i}"), "ver": 1, "qty": i});
+                (IdemKey(format!("k{i}")), body)
+            })
+            .collect();
+        let writes: Vec<SinkWrite<'_>> = bodies
+            .iter()
+            .map(|(key, body)| SinkWrite {
+                topic: "t",
+                partition: Partition(0),
+                offset: Offset(0),
+                key,
+                body,
+                raw: b"{}",
+            })
+            .collect();
+        let outcomes = sink.apply(&writes).unwrap();
+        assert!(outcomes.iter().all(|o| *o == WriteOutcome::Applied));
+    }
+
+    /// Below both thresholds the pages stay in the WAL: nothing wakes the
+    /// checkpoint thread, so the database file cannot have grown.
+    #[test]
+    fn a_short_wal_is_left_for_a_later_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), SinkMode::Upsert);
+        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let before = file_len(&cfg.path);
+        batch_of(&mut sink, 500);
+        assert_eq!(file_len(&cfg.path), before, "no checkpoint yet");
+        assert!(file_len(&dir.path().join("sink.db-wal")) > 0);
+    }
+
+    /// At the backstop the writer copies the WAL itself, before `apply`
+    /// returns.
+    #[test]
+    fn a_long_wal_is_checkpointed_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), SinkMode::Upsert);
+        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let before = file_len(&cfg.path);
+        sink.wake_at = u32::MAX;
+        sink.backstop_at = 1;
+        batch_of(&mut sink, 500);
+        assert!(
+            file_len(&cfg.path) > before,
+            "the batch's pages were copied"
+        );
+    }
+
+    /// Past the wake-up threshold the thread copies the WAL.
+    #[test]
+    fn the_checkpoint_thread_copies_the_wal_once_woken() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), SinkMode::Upsert);
+        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let before = file_len(&cfg.path);
+        sink.wake_at = 1;
+        batch_of(&mut sink, 500);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while file_len(&cfg.path) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]
