@@ -44,6 +44,11 @@ const ENTRY_FORMAT: u8 = 1;
 /// The dedup family's block cache: room for the filters and indexes of
 /// tens of millions of keys, and the data blocks duplicates are read from.
 const BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// The dedup family's memtable, of which RocksDB keeps up to two (one
+/// filling, one being flushed): half of RocksDB's 64 MiB. With 20 million
+/// keys in the window, peak RSS fell from about 299 to 275 MiB and the
+/// throughput did not change (`scripts/bench.sh scale`).
+const MEMTABLE_BYTES: usize = 32 << 20;
 /// In the progress column family; no topic name starts with 0xFF.
 const REBUILD_KEY: &[u8] = b"\xffrebuild-since";
 const ENTRY_LEN: usize = 1 + 16 + 8 + 8;
@@ -211,6 +216,7 @@ impl DedupStore {
         dedup_opts.set_memtable_whole_key_filtering(true);
         dedup_opts.set_memtable_prefix_bloom_ratio(0.1);
         dedup_opts.set_compression_type(DBCompressionType::Lz4);
+        dedup_opts.set_write_buffer_size(MEMTABLE_BYTES);
         let filter_clock = Arc::clone(&clock);
         dedup_opts.set_compaction_filter("idem-window-expiry", move |_level, _key, value| {
             match Entry::decode(value) {
