@@ -121,14 +121,18 @@ LOG
   local cp="$LIBS/*"
   local jopts=(-Xms256m -Xmx768m -Dkafka.logs.dir="$dir" -Dlog4j2.configurationFile="$dir/log4j2.properties")
   local id sasl_user sasl_password
-  id=$(java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)
+  id=$(java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1) || id=""
   sasl_user=idem
   # Letters and digits only: StorageTool's --add-scram syntax has no quoting.
   sasl_password=$(head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 24)
   (umask 077; printf '%s\n' "$sasl_user" >"$dir/sasl_user"; printf '%s\n' "$sasl_password" >"$dir/sasl_password")
-  java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool format --standalone \
+  if [ -z "$id" ] || ! java "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool format --standalone \
     -t "$id" -c "$dir/server.properties" \
-    --add-scram "SCRAM-SHA-256=[name=$sasl_user,password=$sasl_password]" >"$dir/format.log" 2>&1
+    --add-scram "SCRAM-SHA-256=[name=$sasl_user,password=$sasl_password]" >"$dir/format.log" 2>&1; then
+    echo "kafka.sh: formatting the broker's storage in $dir failed; see $dir/format.log" >&2
+    tail -n 20 "$dir/format.log" >&2 || true
+    exit 1
+  fi
   echo "127.0.0.1:$sasl_port" >"$dir/sasl_bootstrap"
   (umask 077; cat >"$dir/sasl_client.properties" <<CLIENT
 security.protocol=SASL_PLAINTEXT

@@ -22,10 +22,18 @@ start() {
   [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1
-  as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+  if ! as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1; then
+    echo "postgres.sh: initdb in $dir failed; see $dir/initdb.log" >&2
+    tail -n 20 "$dir/initdb.log" >&2 || true
+    exit 1
+  fi
+  if ! as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
     -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir -c fsync=on" \
-    start >/dev/null
+    start >/dev/null; then
+    echo "postgres.sh: the server in $dir did not start; see $dir/server.log" >&2
+    tail -n 20 "$dir/server.log" >&2 || true
+    exit 1
+  fi
   echo "$port" >"$dir/port"
   echo "postgresql://postgres@127.0.0.1:$port/postgres"
 }
