@@ -29,9 +29,11 @@
 //! nearly every batch, and a checkpoint copies each page once however
 //! often the WAL holds it, then syncs the database file once. A checkpoint
 //! never makes a commit more or less durable (the commit is durable once
-//! the WAL is synced). If the thread falls behind, or never finishes while
-//! no write is open so that SQLite can start the WAL over, the writer
-//! checkpoints by itself at [`BACKSTOP_FRAMES`], which bounds the WAL.
+//! the WAL is synced). SQLite starts the WAL over only when a write
+//! begins after everything in it has been copied; if the thread falls
+//! behind, or its checkpoints keep overlapping the next batch, the writer
+//! checkpoints by itself at [`BACKSTOP_FRAMES`], which bounds the WAL
+//! (unless a reader keeps an old snapshot open).
 //!
 //! A record the database refuses (constraint, type mismatch, too big) is
 //! rejected alone: SQLite rolls back just that statement, and the rest of
