@@ -45,6 +45,7 @@ use std::cell::Cell as StdCell;
 use std::os::raw::c_int;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::hooks::Wal;
@@ -73,6 +74,11 @@ pub const CHECKPOINT_FRAMES: u32 = 4_096;
 /// the thread falls behind; the WAL starts over at the writer's next
 /// transaction once everything in it has been copied.
 pub const BACKSTOP_FRAMES: u32 = 16_384;
+
+/// What SQLite cuts the `-wal` file back to when it starts the WAL over:
+/// a reader that held the WAL back lets it grow past [`BACKSTOP_FRAMES`],
+/// and without a limit the file would keep that size.
+pub const WAL_FILE_LIMIT_BYTES: i64 = 64 << 20;
 
 thread_local! {
     /// Pages in the WAL after the last commit on this thread, set by
@@ -107,9 +113,8 @@ fn checkpoint_after(frames: u32, wake_at: u32, backstop_at: u32) -> Checkpoint {
 
 pub struct SqliteSink {
     conn: Connection,
-    /// Wakes the checkpoint thread; the thread ends when this is dropped.
     /// `None`: SQLite's own automatic checkpoints run instead.
-    checkpoint: Option<SyncSender<()>>,
+    checkpoint: Option<Checkpointer>,
     /// [`CHECKPOINT_FRAMES`] and [`BACKSTOP_FRAMES`], lowered by tests.
     wake_at: u32,
     backstop_at: u32,
@@ -139,7 +144,9 @@ impl SqliteSink {
         // A negative cache_size is in KiB.
         conn.pragma_update(None, "cache_size", -CACHE_KIB)
             .map_err(classify_batch_error)?;
-        let checkpoint = start_checkpointer(&config.path, config.busy_timeout_ms);
+        conn.pragma_update(None, "journal_size_limit", WAL_FILE_LIMIT_BYTES)
+            .map_err(classify_batch_error)?;
+        let checkpoint = Checkpointer::start(&config.path, config.busy_timeout_ms);
         if checkpoint.is_some() {
             conn.wal_hook(Some(note_wal_frames));
         }
@@ -296,7 +303,7 @@ impl Sink for SqliteSink {
 
 impl SqliteSink {
     fn after_commit(&self, frames: u32) {
-        let Some(wake) = &self.checkpoint else {
+        let Some(Checkpointer { wake, .. }) = &self.checkpoint else {
             return;
         };
         match checkpoint_after(frames, self.wake_at, self.backstop_at) {
@@ -317,22 +324,44 @@ impl SqliteSink {
     }
 }
 
-/// Starts the checkpoint thread on a connection of its own. `None` when
-/// that connection cannot be opened: the writer then keeps SQLite's own
-/// checkpoints after its commits.
-fn start_checkpointer(path: &Path, busy_timeout_ms: u64) -> Option<SyncSender<()>> {
-    let conn = Connection::open(path).ok()?;
-    conn.busy_timeout(Duration::from_millis(busy_timeout_ms))
-        .ok()?;
-    // The checkpoint syncs the WAL before it copies and the database
-    // after, as the writer's own would.
-    conn.pragma_update(None, "synchronous", "FULL").ok()?;
-    let (wake, woken) = mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name("idem-sqlite-checkpoint".into())
-        .spawn(move || checkpoint_loop(&conn, &woken))
-        .ok()?;
-    Some(wake)
+/// The checkpoint thread and what wakes it.
+struct Checkpointer {
+    wake: SyncSender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Starts the thread on a connection of its own. `None` when that
+    /// connection cannot be opened: the writer then keeps SQLite's own
+    /// checkpoints after its commits.
+    fn start(path: &Path, busy_timeout_ms: u64) -> Option<Checkpointer> {
+        let conn = Connection::open(path).ok()?;
+        conn.busy_timeout(Duration::from_millis(busy_timeout_ms))
+            .ok()?;
+        // The checkpoint syncs the WAL before it copies and the database
+        // after, as the writer's own would.
+        conn.pragma_update(None, "synchronous", "FULL").ok()?;
+        let (wake, woken) = mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("idem-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(&conn, &woken))
+            .ok()?;
+        Some(Checkpointer { wake, thread })
+    }
+}
+
+impl Drop for SqliteSink {
+    /// Ends the checkpoint thread and waits for it, so that the writer's
+    /// connection is the last one to close: SQLite then copies what is
+    /// left of the WAL into the database file and removes the `-wal` file
+    /// before idem exits. Left to the thread, that last close raced the
+    /// process's exit.
+    fn drop(&mut self) {
+        if let Some(Checkpointer { wake, thread }) = self.checkpoint.take() {
+            drop(wake);
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Checkpoints once per wake-up until the sink is dropped. PASSIVE: it
@@ -501,11 +530,12 @@ mod tests {
         std::fs::metadata(path).map_or(0, |m| m.len())
     }
 
-    fn batch_of(sink: &mut SqliteSink, rows: usize) {
+    /// Writes version `ver` of entities 0 to `rows`; each must apply.
+    fn batch_of(sink: &mut SqliteSink, rows: usize, ver: i64) {
         let bodies: Vec<(IdemKey, Value)> = (0..rows)
             .map(|i| {
-                let body = serde_json::json!({"id": format!("ord-{i}"), "ver": 1, "qty": i});
-                (IdemKey(format!("k{i}")), body)
+                let body = serde_json::json!({"id": format!("ord-{i}"), "ver": ver, "qty": i});
+                (IdemKey(format!("k{i}-{ver}")), body)
             })
             .collect();
         let writes: Vec<SinkWrite<'_>> = bodies
@@ -531,7 +561,7 @@ mod tests {
         let cfg = config(dir.path(), SinkMode::Upsert);
         let mut sink = SqliteSink::open(&cfg).unwrap();
         let before = file_len(&cfg.path);
-        batch_of(&mut sink, 500);
+        batch_of(&mut sink, 500, 1);
         assert_eq!(file_len(&cfg.path), before, "no checkpoint yet");
         assert!(file_len(&dir.path().join("sink.db-wal")) > 0);
     }
@@ -546,10 +576,77 @@ mod tests {
         let before = file_len(&cfg.path);
         sink.wake_at = u32::MAX;
         sink.backstop_at = 1;
-        batch_of(&mut sink, 500);
+        batch_of(&mut sink, 500, 1);
         assert!(
             file_len(&cfg.path) > before,
             "the batch's pages were copied"
+        );
+    }
+
+    /// Once the sink is gone the database file holds every batch on its
+    /// own: no `-wal` file is left to carry some of them.
+    #[test]
+    fn a_dropped_sink_leaves_no_wal_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), SinkMode::Upsert);
+        let mut sink = SqliteSink::open(&cfg).unwrap();
+        batch_of(&mut sink, 500, 1);
+        let wal = dir.path().join("sink.db-wal");
+        assert!(file_len(&wal) > 0, "the batch is in the WAL");
+        drop(sink);
+        assert!(!wal.exists(), "a -wal file was left behind");
+        let rows: i64 = Connection::open(&cfg.path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 500);
+    }
+
+    /// A reader's snapshot holds the WAL back, so it grows; once the
+    /// reader is gone and the WAL starts over, the file is cut back to the
+    /// limit instead of keeping its largest size.
+    #[test]
+    fn the_wal_file_shrinks_back_after_a_reader_held_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), SinkMode::Upsert);
+        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let set: i64 = sink
+            .conn
+            .pragma_query_value(None, "journal_size_limit", |r| r.get(0))
+            .unwrap();
+        assert_eq!(set, WAL_FILE_LIMIT_BYTES, "open sets the limit");
+        // A smaller one, so that a few batches pass it.
+        let limit = 64 * 1024;
+        sink.conn
+            .pragma_update(None, "journal_size_limit", limit)
+            .unwrap();
+        sink.wake_at = u32::MAX;
+        sink.backstop_at = 1;
+        let wal = dir.path().join("sink.db-wal");
+
+        let reader = Connection::open(&cfg.path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .unwrap();
+        for ver in 1..=8 {
+            batch_of(&mut sink, 5_000, ver);
+        }
+        let held = file_len(&wal);
+        assert!(
+            held > 4 * limit,
+            "the WAL grew while the reader held it: {held}"
+        );
+
+        reader.execute_batch("COMMIT").unwrap();
+        // The first commit is copied out in full; the next write starts
+        // the WAL over, and its commit cuts the file back.
+        batch_of(&mut sink, 10, 9);
+        batch_of(&mut sink, 10, 10);
+        let after = file_len(&wal);
+        assert!(
+            after <= 2 * limit,
+            "the WAL file kept {after} bytes of {held}"
         );
     }
 
@@ -561,7 +658,7 @@ mod tests {
         let mut sink = SqliteSink::open(&cfg).unwrap();
         let before = file_len(&cfg.path);
         sink.wake_at = 1;
-        batch_of(&mut sink, 500);
+        batch_of(&mut sink, 500, 1);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while file_len(&cfg.path) == before {
             assert!(
