@@ -113,6 +113,8 @@ fn checkpoint_after(frames: u32, wake_at: u32, backstop_at: u32) -> Checkpoint {
 
 pub struct SqliteSink {
     conn: Connection,
+    /// For the stop's log line.
+    path: std::path::PathBuf,
     /// `None`: SQLite's own automatic checkpoints run instead.
     checkpoint: Option<Checkpointer>,
     /// [`CHECKPOINT_FRAMES`] and [`BACKSTOP_FRAMES`], lowered by tests.
@@ -205,6 +207,7 @@ impl SqliteSink {
         }
         Ok(SqliteSink {
             conn,
+            path: config.path.clone(),
             checkpoint,
             wake_at: CHECKPOINT_FRAMES,
             backstop_at: BACKSTOP_FRAMES,
@@ -351,15 +354,45 @@ impl Checkpointer {
 }
 
 impl Drop for SqliteSink {
-    /// Ends the checkpoint thread and waits for it, so that the writer's
-    /// connection is the last one to close: SQLite then copies what is
-    /// left of the WAL into the database file and removes the `-wal` file
-    /// before idem exits. Left to the thread, that last close raced the
-    /// process's exit.
+    /// Copies the whole WAL into the database file, so that the file alone
+    /// holds every committed batch once idem has stopped:
+    /// - the checkpoint thread is ended and waited for first (left to it,
+    ///   the last close raced the process's exit);
+    /// - a TRUNCATE checkpoint then copies everything even when another
+    ///   process has the file open, which would keep SQLite's own copy at
+    ///   the last close from running; only an open read transaction can
+    ///   stop it (for `busy_timeout_ms`), and that is logged;
+    /// - the writer's connection closes last, and SQLite removes the
+    ///   `-wal` file unless another connection is still open.
     fn drop(&mut self) {
         if let Some(Checkpointer { wake, thread }) = self.checkpoint.take() {
             drop(wake);
             let _ = thread.join();
+        }
+        let copied = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            });
+        match copied {
+            Ok((0, in_wal, copied)) if in_wal == copied => {}
+            Ok((_, in_wal, copied)) => tracing::warn!(
+                path = %self.path.display(),
+                pages_not_copied = in_wal - copied,
+                "sqlite sink: another connection holds a read transaction on the database, \
+                 so some committed batches stay in its -wal file only; nothing is lost, \
+                 but keep the -wal file with the database file"
+            ),
+            Err(e) => tracing::warn!(
+                path = %self.path.display(),
+                error = %e,
+                "sqlite sink: the final checkpoint failed; committed batches may be in the \
+                 -wal file only; keep it with the database file"
+            ),
         }
     }
 }
@@ -531,6 +564,14 @@ mod tests {
     }
 
     /// Writes version `ver` of entities 0 to `rows`; each must apply.
+    /// An upsert sink on a new file in a directory of its own.
+    fn fresh_upsert_sink() -> (tempfile::TempDir, SqliteSinkConfig, SqliteSink) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), SinkMode::Upsert);
+        let sink = SqliteSink::open(&cfg).unwrap();
+        (dir, cfg, sink)
+    }
+
     fn batch_of(sink: &mut SqliteSink, rows: usize, ver: i64) {
         let bodies: Vec<(IdemKey, Value)> = (0..rows)
             .map(|i| {
@@ -557,9 +598,7 @@ mod tests {
     /// checkpoint thread, so the database file cannot have grown.
     #[test]
     fn a_short_wal_is_left_for_a_later_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path(), SinkMode::Upsert);
-        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let (dir, cfg, mut sink) = fresh_upsert_sink();
         let before = file_len(&cfg.path);
         batch_of(&mut sink, 500, 1);
         assert_eq!(file_len(&cfg.path), before, "no checkpoint yet");
@@ -570,9 +609,7 @@ mod tests {
     /// returns.
     #[test]
     fn a_long_wal_is_checkpointed_by_the_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path(), SinkMode::Upsert);
-        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let (_dir, cfg, mut sink) = fresh_upsert_sink();
         let before = file_len(&cfg.path);
         sink.wake_at = u32::MAX;
         sink.backstop_at = 1;
@@ -587,9 +624,7 @@ mod tests {
     /// own: no `-wal` file is left to carry some of them.
     #[test]
     fn a_dropped_sink_leaves_no_wal_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path(), SinkMode::Upsert);
-        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let (dir, cfg, mut sink) = fresh_upsert_sink();
         batch_of(&mut sink, 500, 1);
         let wal = dir.path().join("sink.db-wal");
         assert!(file_len(&wal) > 0, "the batch is in the WAL");
@@ -607,9 +642,7 @@ mod tests {
     /// limit instead of keeping its largest size.
     #[test]
     fn the_wal_file_shrinks_back_after_a_reader_held_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path(), SinkMode::Upsert);
-        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let (dir, cfg, mut sink) = fresh_upsert_sink();
         let set: i64 = sink
             .conn
             .pragma_query_value(None, "journal_size_limit", |r| r.get(0))
@@ -650,12 +683,53 @@ mod tests {
         );
     }
 
+    /// Another process with the file open (a `sqlite3` shell left idle)
+    /// keeps SQLite from copying the WAL at the last close; the stop's own
+    /// checkpoint still leaves the database file complete.
+    #[test]
+    fn a_dropped_sink_leaves_the_file_complete_beside_another_connection() {
+        let (dir, cfg, mut sink) = fresh_upsert_sink();
+        let idle = Connection::open(&cfg.path).unwrap();
+        let _: i64 = idle
+            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .unwrap();
+        batch_of(&mut sink, 500, 1);
+        drop(sink);
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(&cfg.path, &copy).unwrap();
+        let rows: i64 = Connection::open(&copy)
+            .unwrap()
+            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 500, "the database file alone");
+        drop(idle);
+    }
+
+    /// A read transaction open at the stop keeps part of the WAL from
+    /// being copied (idem logs it); the stop still ends, and the database
+    /// with its `-wal` file holds every batch.
+    #[test]
+    fn a_reader_at_the_stop_keeps_batches_in_the_wal_and_loses_none() {
+        let (dir, cfg, mut sink) = fresh_upsert_sink();
+        let reader = Connection::open(&cfg.path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .unwrap();
+        batch_of(&mut sink, 500, 1);
+        drop(sink);
+        reader.execute_batch("COMMIT").unwrap();
+        assert!(file_len(&dir.path().join("sink.db-wal")) > 0);
+        let rows: i64 = reader
+            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 500);
+    }
+
     /// Past the wake-up threshold the thread copies the WAL.
     #[test]
     fn the_checkpoint_thread_copies_the_wal_once_woken() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path(), SinkMode::Upsert);
-        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let (_dir, cfg, mut sink) = fresh_upsert_sink();
         let before = file_len(&cfg.path);
         sink.wake_at = 1;
         batch_of(&mut sink, 500, 1);
@@ -688,9 +762,7 @@ mod tests {
 
     #[test]
     fn locked_file_is_unavailable_not_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path(), SinkMode::Upsert);
-        let mut sink = SqliteSink::open(&cfg).unwrap();
+        let (_dir, cfg, mut sink) = fresh_upsert_sink();
         let other = Connection::open(&cfg.path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         let value: Value = serde_json::from_str(r#"{"id":"a","ver":1}"#).unwrap();
