@@ -360,8 +360,9 @@ impl Drop for SqliteSink {
     ///   the last close raced the process's exit);
     /// - a TRUNCATE checkpoint then copies everything even when another
     ///   process has the file open, which would keep SQLite's own copy at
-    ///   the last close from running; only an open read transaction can
-    ///   stop it (for `busy_timeout_ms`), and that is logged;
+    ///   the last close from running; only another connection's open
+    ///   transaction can stop it (after `busy_timeout_ms`), and that is
+    ///   logged;
     /// - the writer's connection closes last, and SQLite removes the
     ///   `-wal` file unless another connection is still open.
     fn drop(&mut self) {
@@ -379,11 +380,14 @@ impl Drop for SqliteSink {
                 ))
             });
         match copied {
-            Ok((0, in_wal, copied)) if in_wal == copied => {}
+            // Every page is in the database file, whether or not another
+            // connection kept the WAL from being truncated.
+            Ok((_, in_wal, copied)) if in_wal >= 0 && in_wal == copied => {}
             Ok((_, in_wal, copied)) => tracing::warn!(
                 path = %self.path.display(),
-                pages_not_copied = in_wal - copied,
-                "sqlite sink: another connection holds a read transaction on the database, \
+                pages_in_wal = in_wal,
+                pages_copied = copied,
+                "sqlite sink: another connection holds a transaction on the database, \
                  so some committed batches stay in its -wal file only; nothing is lost, \
                  but keep the -wal file with the database file"
             ),
