@@ -358,11 +358,13 @@ impl Drop for SqliteSink {
     /// holds every committed batch once idem has stopped:
     /// - the checkpoint thread is ended and waited for first (left to it,
     ///   the last close raced the process's exit);
-    /// - a TRUNCATE checkpoint then copies everything even when another
-    ///   process has the file open, which would keep SQLite's own copy at
-    ///   the last close from running; only another connection's open
-    ///   transaction can stop it (after `busy_timeout_ms`), and that is
-    ///   logged;
+    /// - a PASSIVE checkpoint copies everything unless another
+    ///   connection reads an older snapshot; it does not wait, and it runs
+    ///   even when another process has the file open, which keeps SQLite's
+    ///   own copy at the last close from running;
+    /// - only if pages are left, a FULL one waits up to `busy_timeout_ms`
+    ///   for that connection's transaction to end; if it does not, the
+    ///   database file alone is incomplete, and that is logged;
     /// - the writer's connection closes last, and SQLite removes the
     ///   `-wal` file unless another connection is still open.
     fn drop(&mut self) {
@@ -370,26 +372,23 @@ impl Drop for SqliteSink {
             drop(wake);
             let _ = thread.join();
         }
-        let copied = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            });
+        let copied = final_checkpoint(&self.conn, "PASSIVE").and_then(|pages| {
+            if pages.all_copied() {
+                Ok(pages)
+            } else {
+                final_checkpoint(&self.conn, "FULL")
+            }
+        });
         match copied {
-            // Every page is in the database file, whether or not another
-            // connection kept the WAL from being truncated.
-            Ok((_, in_wal, copied)) if in_wal >= 0 && in_wal == copied => {}
-            Ok((_, in_wal, copied)) => tracing::warn!(
+            Ok(pages) if pages.all_copied() => {}
+            Ok(pages) => tracing::warn!(
                 path = %self.path.display(),
-                pages_in_wal = in_wal,
-                pages_copied = copied,
-                "sqlite sink: another connection holds a transaction on the database, \
-                 so some committed batches stay in its -wal file only; nothing is lost, \
-                 but keep the -wal file with the database file"
+                pages_in_wal = pages.in_wal,
+                pages_copied = pages.copied,
+                "sqlite sink: another connection's transaction kept the WAL from being copied, \
+                 so some committed batches stay in its -wal file only; nothing is lost, but \
+                 the database file alone is incomplete and may not open: keep the -wal file \
+                 with it"
             ),
             Err(e) => tracing::warn!(
                 path = %self.path.display(),
@@ -399,6 +398,28 @@ impl Drop for SqliteSink {
             ),
         }
     }
+}
+
+/// What a checkpoint reports: pages in the WAL, and how many of them are
+/// in the database file.
+struct WalPages {
+    in_wal: i64,
+    copied: i64,
+}
+
+impl WalPages {
+    fn all_copied(&self) -> bool {
+        self.in_wal >= 0 && self.in_wal == self.copied
+    }
+}
+
+fn final_checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<WalPages> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        Ok(WalPages {
+            in_wal: r.get(1)?,
+            copied: r.get(2)?,
+        })
+    })
 }
 
 /// Checkpoints once per wake-up until the sink is dropped. PASSIVE: it
@@ -728,6 +749,40 @@ mod tests {
             .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 500);
+    }
+
+    /// A reader of the newest snapshot does not hold the stop up: nothing
+    /// it reads is missing from the database file. With a ten-minute busy
+    /// timeout, a stop that waited for the reader would not end within the
+    /// minute.
+    #[test]
+    fn a_reader_of_the_newest_snapshot_does_not_hold_the_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), SinkMode::Upsert);
+        cfg.busy_timeout_ms = 600_000;
+        let mut sink = SqliteSink::open(&cfg).unwrap();
+        batch_of(&mut sink, 500, 1);
+        let reader = Connection::open(&cfg.path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .unwrap();
+        let (done, stopped) = mpsc::channel();
+        std::thread::spawn(move || {
+            drop(sink);
+            let _ = done.send(());
+        });
+        stopped
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the stop waited for a reader that needed nothing");
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(&cfg.path, &copy).unwrap();
+        let rows: i64 = Connection::open(&copy)
+            .unwrap()
+            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 500, "the database file alone");
+        reader.execute_batch("COMMIT").unwrap();
     }
 
     /// Past the wake-up threshold the thread copies the WAL.
