@@ -589,6 +589,20 @@ mod tests {
     }
 
     /// Writes version `ver` of entities 0 to `rows`; each must apply.
+    /// Rows of the table as `conn` sees them (in a transaction, this
+    /// takes its snapshot).
+    fn count_rows(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Rows in a copy of the database file alone, without its WAL.
+    fn rows_in_a_copy(db: &std::path::Path) -> i64 {
+        let copy = db.with_file_name("copy.db");
+        std::fs::copy(db, &copy).unwrap();
+        count_rows(&Connection::open(&copy).unwrap())
+    }
+
     /// An upsert sink on a new file in a directory of its own.
     fn fresh_upsert_sink() -> (tempfile::TempDir, SqliteSinkConfig, SqliteSink) {
         let dir = tempfile::tempdir().unwrap();
@@ -684,9 +698,7 @@ mod tests {
 
         let reader = Connection::open(&cfg.path).unwrap();
         reader.execute_batch("BEGIN").unwrap();
-        let _: i64 = reader
-            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
-            .unwrap();
+        count_rows(&reader);
         for ver in 1..=8 {
             batch_of(&mut sink, 5_000, ver);
         }
@@ -713,20 +725,12 @@ mod tests {
     /// checkpoint still leaves the database file complete.
     #[test]
     fn a_dropped_sink_leaves_the_file_complete_beside_another_connection() {
-        let (dir, cfg, mut sink) = fresh_upsert_sink();
+        let (_dir, cfg, mut sink) = fresh_upsert_sink();
         let idle = Connection::open(&cfg.path).unwrap();
-        let _: i64 = idle
-            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
-            .unwrap();
+        count_rows(&idle);
         batch_of(&mut sink, 500, 1);
         drop(sink);
-        let copy = dir.path().join("copy.db");
-        std::fs::copy(&cfg.path, &copy).unwrap();
-        let rows: i64 = Connection::open(&copy)
-            .unwrap()
-            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(rows, 500, "the database file alone");
+        assert_eq!(rows_in_a_copy(&cfg.path), 500, "the database file alone");
         drop(idle);
     }
 
@@ -738,17 +742,12 @@ mod tests {
         let (dir, cfg, mut sink) = fresh_upsert_sink();
         let reader = Connection::open(&cfg.path).unwrap();
         reader.execute_batch("BEGIN").unwrap();
-        let _: i64 = reader
-            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
-            .unwrap();
+        count_rows(&reader);
         batch_of(&mut sink, 500, 1);
         drop(sink);
         reader.execute_batch("COMMIT").unwrap();
         assert!(file_len(&dir.path().join("sink.db-wal")) > 0);
-        let rows: i64 = reader
-            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(rows, 500);
+        assert_eq!(count_rows(&reader), 500);
     }
 
     /// A reader of the newest snapshot does not hold the stop up: nothing
@@ -764,9 +763,7 @@ mod tests {
         batch_of(&mut sink, 500, 1);
         let reader = Connection::open(&cfg.path).unwrap();
         reader.execute_batch("BEGIN").unwrap();
-        let _: i64 = reader
-            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
-            .unwrap();
+        count_rows(&reader);
         let (done, stopped) = mpsc::channel();
         std::thread::spawn(move || {
             drop(sink);
@@ -775,13 +772,7 @@ mod tests {
         stopped
             .recv_timeout(Duration::from_secs(60))
             .expect("the stop waited for a reader that needed nothing");
-        let copy = dir.path().join("copy.db");
-        std::fs::copy(&cfg.path, &copy).unwrap();
-        let rows: i64 = Connection::open(&copy)
-            .unwrap()
-            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(rows, 500, "the database file alone");
+        assert_eq!(rows_in_a_copy(&cfg.path), 500, "the database file alone");
         reader.execute_batch("COMMIT").unwrap();
     }
 
