@@ -33,7 +33,9 @@
 //! begins after everything in it has been copied; if the thread falls
 //! behind, or its checkpoints keep overlapping the next batch, the writer
 //! checkpoints by itself at [`BACKSTOP_FRAMES`], which bounds the WAL
-//! (unless a reader keeps an old snapshot open).
+//! (unless a reader keeps an old snapshot open). At a stop, the sink
+//! copies the whole WAL into the database file, so that the file alone is
+//! complete (see its `Drop`).
 //!
 //! A record the database refuses (constraint, type mismatch, too big) is
 //! rejected alone: SQLite rolls back just that statement, and the rest of
