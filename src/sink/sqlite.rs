@@ -374,11 +374,11 @@ impl Drop for SqliteSink {
             drop(wake);
             let _ = thread.join();
         }
-        let copied = final_checkpoint(&self.conn, "PASSIVE").and_then(|pages| {
+        let copied = checkpoint(&self.conn, "PASSIVE").and_then(|pages| {
             if pages.all_copied() {
                 Ok(pages)
             } else {
-                final_checkpoint(&self.conn, "FULL")
+                checkpoint(&self.conn, "FULL")
             }
         });
         match copied {
@@ -415,7 +415,8 @@ impl WalPages {
     }
 }
 
-fn final_checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<WalPages> {
+/// One checkpoint in `mode` (PASSIVE, FULL...), and what it copied.
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<WalPages> {
     conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
         Ok(WalPages {
             in_wal: r.get(1)?,
@@ -436,7 +437,7 @@ fn checkpoint_loop(conn: &Connection, woken: &Receiver<()>) {
 /// A failed checkpoint loses nothing: the pages stay in the WAL, and the
 /// next one copies them.
 fn checkpoint_passive(conn: &Connection) {
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+    if let Err(e) = checkpoint(conn, "PASSIVE") {
         tracing::debug!(error = %e, "sqlite sink: checkpoint failed; the next one retries it");
     }
 }
