@@ -43,6 +43,72 @@ fn happy_path_with_duplicates() {
     assert_eq!(rows["ord-42"], (1, 42));
 }
 
+/// A backlog of full batches: each is decoded while the batch before it
+/// is written, and its dedup look-up still sees that batch's records.
+/// Every batch of ten brings five new events and, for the batch before,
+/// three redeliveries, a conflict and a record that is not JSON.
+#[test]
+fn a_backlog_decoded_ahead_still_finds_what_the_batch_before_wrote() {
+    let f = Fixture::new("ahead");
+    let batches = 30;
+    let mut records = Vec::new();
+    for b in 0..batches {
+        let event = |b: usize, i: usize| {
+            Rec::order(
+                0,
+                &format!("K{b}-{i}"),
+                &format!("ord-{b}-{i}"),
+                1,
+                (b * 10 + i) as i64,
+            )
+        };
+        for i in 0..5 {
+            records.push(event(b, i));
+        }
+        if b > 0 {
+            for i in 0..3 {
+                records.push(event(b - 1, i));
+            }
+            let other = format!(r#"{{"id":"ord-{}-3","ver":1,"qty":-1}}"#, b - 1);
+            records.push(event(b - 1, 3).with_value(other.as_bytes()));
+            records.push(Rec::order(0, &format!("bad-{b}"), "x", 1, 0).with_value(b"{not json"));
+        }
+    }
+    produce(&f.topic, &records);
+
+    let mut config = f.config(Mode::Upsert, "7d");
+    config.batch.max_records = 10;
+    // Batches are cut by count, not by time.
+    config.batch.linger_ms = 1_000;
+    let run = Running::start(config);
+    run.wait_read(records.len() as u64);
+    f.wait_committed(&[records.len() as i64, -1]);
+    let later = (batches - 1) as u64;
+    assert_eq!(run.count(Outcome::Applied), 5 * batches as u64);
+    assert_eq!(run.count(Outcome::Duplicate), 3 * later);
+    assert_eq!(run.count(Outcome::Conflict), later);
+    assert_eq!(run.count(Outcome::DeadLettered), later);
+    run.assert_outcomes_add_up();
+    let ahead = run.metrics.decoded_ahead.get();
+    assert!(ahead > 0, "no batch was decoded ahead");
+    assert_eq!(run.stop(), RunEnd::Stopped);
+
+    let rows = f.rows();
+    assert_eq!(rows.len(), 5 * batches);
+    assert_eq!(rows["ord-7-3"], (1, 73), "the conflict changed nothing");
+    // Each letter is the record its reason names.
+    let letters = read_all(&f.dead_letter_topic, 1);
+    assert_eq!(letters.len(), 2 * later as usize);
+    for m in &letters {
+        let value = m.payload().unwrap_or_default();
+        match header(m, "idem.reason") {
+            Some(b"invalid-json") => assert_eq!(value, b"{not json"),
+            Some(b"conflict") => assert!(value.ends_with(br#""qty":-1}"#)),
+            other => panic!("unexpected dead letter {other:?}"),
+        }
+    }
+}
+
 /// insert mode: one row per idempotency key; a redelivery adds nothing.
 #[test]
 fn insert_mode_keeps_one_row_per_key() {

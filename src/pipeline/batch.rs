@@ -120,9 +120,72 @@ enum Plan {
     Filtered,
 }
 
-pub struct BatchProcessor {
+/// Step 1 on its own: decoding needs only the records and the
+/// configuration, never the dedup store, so the consumer loop can decode
+/// the next batch on another thread while this one is written (see
+/// [`super::ahead`]).
+#[derive(Clone)]
+pub struct Decoder {
     topics: HashMap<String, KeySource>,
     limits: LimitsConfig,
+}
+
+/// What [`Decoder::decode`] made of each record of a batch, in order: its
+/// decoding and, for an event, its dedup key.
+#[derive(Debug)]
+pub struct DecodedBatch(Vec<(Decoded, Option<DedupKey>)>);
+
+impl DecodedBatch {
+    /// How many records it stands for.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Decoder {
+    pub fn new(config: &Config) -> Self {
+        Decoder {
+            topics: config
+                .topics
+                .iter()
+                .map(|t| (t.name.clone(), t.key.clone()))
+                .collect(),
+            limits: config.limits.clone(),
+        }
+    }
+
+    pub fn decode(&self, records: &[Record]) -> DecodedBatch {
+        let default_source = KeySource::default();
+        DecodedBatch(
+            records
+                .iter()
+                .map(|r| {
+                    let source = self.topics.get(&r.topic).unwrap_or(&default_source);
+                    let d = decode(r, source, &self.limits);
+                    let key = match &d {
+                        Decoded::Event(e) => Some(DedupKey::new(&r.topic, r.partition, &e.key)),
+                        _ => None,
+                    };
+                    (d, key)
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What a processed batch leaves to be freed: its decoded records. The
+/// consumer loop has them freed on the decoding thread, which allocated
+/// most of them (see [`super::ahead`]).
+pub struct Spent {
+    _plans: Vec<Plan>,
+}
+
+pub struct BatchProcessor {
+    decoder: Decoder,
     retry: RetryConfig,
     store: Arc<DedupStore>,
     sink: Box<dyn Sink>,
@@ -161,12 +224,7 @@ impl BatchProcessor {
         shutdown: Shutdown,
     ) -> Self {
         BatchProcessor {
-            topics: config
-                .topics
-                .iter()
-                .map(|t| (t.name.clone(), t.key.clone()))
-                .collect(),
-            limits: config.limits.clone(),
+            decoder: Decoder::new(config),
             retry: config.retry,
             store,
             transactional_sink: sink.transactional().is_some(),
@@ -188,7 +246,13 @@ impl BatchProcessor {
         &self.store
     }
 
-    /// Runs one batch through every step, offsets included.
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// Runs one batch through every step, offsets included. `decoded` is
+    /// the batch's step 1 if it was done already (it is done here
+    /// otherwise).
     ///
     /// # Errors
     /// See [`BatchError`]; in every case nothing of this batch was
@@ -196,12 +260,13 @@ impl BatchProcessor {
     pub fn process(
         &mut self,
         records: &[Record],
+        decoded: Option<DecodedBatch>,
         committer: &dyn OffsetCommitter,
-    ) -> Result<(), BatchError> {
+    ) -> Result<Spent, BatchError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Spent { _plans: Vec::new() });
         }
-        match self.process_once(records, committer) {
+        match self.process_once(records, decoded, committer) {
             // The sink's transaction was aborted: nothing of the batch took
             // effect and its dedup records were taken back. The batch is
             // handed back as if the sink were down, and done again after
@@ -229,9 +294,9 @@ impl BatchProcessor {
                 }
                 Err(e)
             }
-            Ok(()) => {
+            Ok(spent) => {
                 self.abort_backoff = Backoff::new(self.retry);
-                Ok(())
+                Ok(spent)
             }
         }
     }
@@ -239,15 +304,16 @@ impl BatchProcessor {
     fn process_once(
         &mut self,
         records: &[Record],
+        decoded: Option<DecodedBatch>,
         committer: &dyn OffsetCommitter,
-    ) -> Result<(), BatchError> {
+    ) -> Result<Spent, BatchError> {
         let started = Instant::now();
         let progress = next_offsets(records);
         let ranges = describe_ranges(records);
         let _span = debug_span!("batch", records = records.len(), ranges = %ranges).entered();
 
         let mut step = Instant::now();
-        let plans = self.classify(records)?;
+        let plans = self.classify(records, decoded)?;
         self.step_done("classify", &mut step);
 
         // Step 4: the sink, before anything that says "done".
@@ -396,7 +462,7 @@ impl BatchProcessor {
             ranges: &ranges,
         }
         .emit(&self.metrics);
-        Ok(())
+        Ok(Spent { _plans: plans })
     }
 
     fn step_done(&self, name: &str, since: &mut Instant) {
@@ -431,21 +497,20 @@ impl BatchProcessor {
         }
     }
 
-    /// Steps 1 to 3: decode, look up, classify.
-    fn classify(&self, records: &[Record]) -> Result<Vec<Plan>, BatchError> {
-        let default_source = KeySource::default();
-        let decoded: Vec<(Decoded, Option<DedupKey>)> = records
-            .iter()
-            .map(|r| {
-                let source = self.topics.get(&r.topic).unwrap_or(&default_source);
-                let d = decode(r, source, &self.limits);
-                let key = match &d {
-                    Decoded::Event(e) => Some(DedupKey::new(&r.topic, r.partition, &e.key)),
-                    _ => None,
-                };
-                (d, key)
-            })
-            .collect();
+    /// Steps 1 to 3: decode (unless `decoded` holds it), look up,
+    /// classify.
+    fn classify(
+        &self,
+        records: &[Record],
+        decoded: Option<DecodedBatch>,
+    ) -> Result<Vec<Plan>, BatchError> {
+        let decoded = match decoded {
+            Some(d) if d.len() == records.len() => {
+                self.metrics.decoded_ahead.inc();
+                d.0
+            }
+            _ => self.decoder.decode(records).0,
+        };
 
         let keys: Vec<&DedupKey> = decoded.iter().filter_map(|(_, k)| k.as_ref()).collect();
         let mut stored = self.lookup(&keys)?.into_iter();

@@ -19,7 +19,8 @@ use rdkafka::topic_partition_list::{Offset as KafkaOffset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tracing::{error, info, warn};
 
-use super::batch::{BatchError, BatchProcessor, OffsetCommitter};
+use super::ahead::DecodeAhead;
+use super::batch::{BatchError, BatchProcessor, DecodedBatch, OffsetCommitter};
 use super::retry::Shutdown;
 use super::start::{self, Start};
 use super::{PipelineError, RunEnd};
@@ -33,10 +34,21 @@ use crate::telemetry::{Metrics, Readiness};
 
 /// Records polled but not yet processed, and the processor that will take
 /// them.
+///
+/// Batches are cut from the front of `pending`. While records wait behind
+/// the batch in flight, the next batch is decoded meanwhile (see
+/// [`super::ahead`]): when a full batch has been polled behind a decoded
+/// one, the decoded one is processed while the new one is decoded, and the
+/// new one is held, decoded, until the next is full or it is due. A held
+/// batch is always the first to be processed, by every flush.
 struct Engine {
     processor: BatchProcessor,
+    batch: BatchConfig,
+    ahead: DecodeAhead,
     pending: Vec<Record>,
     pending_bytes: usize,
+    /// The decoding of the first records of `pending`, and their bytes.
+    decoded: Option<(DecodedBatch, usize)>,
     first_polled: Option<Instant>,
     /// Set when a batch failed inside a rebalance callback, where the
     /// error cannot be returned; the loop picks it up after `poll()`.
@@ -62,55 +74,112 @@ impl Engine {
         self.pending.push(record);
     }
 
-    fn is_full(&self, batch: &BatchConfig) -> bool {
-        self.pending.len() >= batch.max_records || self.pending_bytes >= batch.max_bytes
+    /// Whether a full batch waits behind the decoded one (or is all
+    /// there is).
+    fn is_full(&self) -> bool {
+        let (held, held_bytes) = self
+            .decoded
+            .as_ref()
+            .map_or((0, 0), |(d, bytes)| (d.len(), *bytes));
+        self.pending.len().saturating_sub(held) >= self.batch.max_records
+            || self.pending_bytes.saturating_sub(held_bytes) >= self.batch.max_bytes
     }
 
     /// How long the next poll may wait before the batch is due.
-    fn poll_timeout(&self, batch: &BatchConfig) -> Duration {
+    fn poll_timeout(&self) -> Duration {
         let idle = Duration::from_millis(200);
         match self.first_polled {
             None => idle,
-            Some(t) => Duration::from_millis(batch.linger_ms)
+            Some(t) => Duration::from_millis(self.batch.linger_ms)
                 .saturating_sub(t.elapsed())
                 .min(idle),
         }
     }
 
-    fn is_due(&self, batch: &BatchConfig) -> bool {
+    fn is_due(&self) -> bool {
         self.first_polled
-            .is_some_and(|t| t.elapsed() >= Duration::from_millis(batch.linger_ms))
+            .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.batch.linger_ms))
     }
 
-    /// Processes and commits everything pending. When the sink is down
-    /// the records stay pending and `retry_at` says when to try again.
+    /// Processes and commits everything pending, a batch at a time. When
+    /// the sink is down the records stay pending and `retry_at` says when
+    /// to try again.
     fn flush(&mut self, committer: &dyn OffsetCommitter) -> Result<(), BatchError> {
+        self.process_pending(committer, false)
+    }
+
+    /// Processes the batches that have a full batch behind them, and holds
+    /// the last, decoded.
+    fn flush_ahead(&mut self, committer: &dyn OffsetCommitter) -> Result<(), BatchError> {
+        self.process_pending(committer, true)
+    }
+
+    fn process_pending(
+        &mut self,
+        committer: &dyn OffsetCommitter,
+        hold_last: bool,
+    ) -> Result<(), BatchError> {
         if self.dead {
             return Ok(());
         }
-        let records = std::mem::take(&mut self.pending);
-        self.pending_bytes = 0;
-        self.first_polled = None;
-        match self.processor.process(&records, committer) {
-            Ok(()) => {
-                self.retry_at = None;
-                Ok(())
+        loop {
+            let head = match &self.decoded {
+                Some((d, _)) => d.len(),
+                None => batch_len(&self.pending, &self.batch).0,
+            };
+            if head == 0 {
+                break;
             }
-            Err(BatchError::SinkDown(delay)) => {
-                // Nothing of it counts as done: keep it, in order, ahead
-                // of whatever is polled meanwhile.
-                let newer = std::mem::replace(&mut self.pending, records);
-                self.pending.extend(newer);
-                self.pending_bytes = self.pending.iter().map(Record::size).sum();
-                self.first_polled = Some(Instant::now());
-                self.retry_at = Some(Instant::now() + delay);
-                Err(BatchError::SinkDown(delay))
+            let (next, next_full) = batch_len(&self.pending[head..], &self.batch);
+            if hold_last && !next_full {
+                if self.decoded.is_none() {
+                    let decoded = self.processor.decoder().decode(&self.pending[..head]);
+                    let bytes = self.pending[..head].iter().map(Record::size).sum();
+                    self.decoded = Some((decoded, bytes));
+                }
+                break;
             }
-            Err(e) => {
-                self.dead = true;
-                Err(e)
+            let mut next_records = self.pending.split_off(head);
+            let after = next_records.split_off(next);
+            let records = std::mem::replace(&mut self.pending, after);
+            let decoded = self.decoded.take().map(|(d, _)| d);
+            let decoded_ahead = decoded.is_some();
+            let processor = &mut self.processor;
+            let (result, next_records, next_decoded) = self.ahead.overlap(next_records, || {
+                processor.process(&records, decoded, committer)
+            });
+            let bytes = next_records.iter().map(Record::size).sum();
+            let after = std::mem::replace(&mut self.pending, next_records);
+            self.pending.extend(after);
+            match result {
+                Ok(spent) => {
+                    if decoded_ahead {
+                        // Freed by the thread that allocated most of it.
+                        self.ahead.free((records, spent));
+                    }
+                    self.retry_at = None;
+                    self.decoded = next_decoded.map(|d| (d, bytes));
+                }
+                Err(BatchError::SinkDown(delay)) => {
+                    // Nothing of it counts as done: keep it, in order,
+                    // ahead of whatever is polled meanwhile.
+                    let newer = std::mem::replace(&mut self.pending, records);
+                    self.pending.extend(newer);
+                    self.pending_bytes = self.pending.iter().map(Record::size).sum();
+                    self.first_polled = Some(Instant::now());
+                    self.retry_at = Some(Instant::now() + delay);
+                    return Err(BatchError::SinkDown(delay));
+                }
+                Err(e) => {
+                    self.dead = true;
+                    return Err(e);
+                }
             }
         }
+        self.pending_bytes = self.pending.iter().map(Record::size).sum();
+        // A held batch is due a linger after it was held.
+        self.first_polled = (!self.pending.is_empty()).then(Instant::now);
+        Ok(())
     }
 
     /// Leaves the pending records of revoked partitions to their next
@@ -118,12 +187,26 @@ impl Engine {
     fn drop_pending(&mut self, revoked: &TopicPartitionList) {
         self.pending
             .retain(|r| revoked.find_partition(&r.topic, r.partition.0).is_none());
+        self.decoded = None;
         self.pending_bytes = self.pending.iter().map(Record::size).sum();
         if self.pending.is_empty() {
             self.first_polled = None;
             self.retry_at = None;
         }
     }
+}
+
+/// The length of the first batch of `records`, and whether it is full
+/// (reaches `max_records` or `max_bytes`) rather than all there is.
+fn batch_len(records: &[Record], batch: &BatchConfig) -> (usize, bool) {
+    let mut bytes = 0;
+    for (i, r) in records.iter().enumerate() {
+        bytes += r.size();
+        if i + 1 >= batch.max_records || bytes >= batch.max_bytes {
+            return (i + 1, true);
+        }
+    }
+    (records.len(), false)
 }
 
 /// librdkafka callbacks: logs into tracing, statistics, rebalances.
@@ -580,10 +663,14 @@ pub fn run(
     readiness: &Arc<Readiness>,
     shutdown: &Shutdown,
 ) -> Result<RunEnd, PipelineError> {
+    let ahead = DecodeAhead::start(processor.decoder().clone()).map_err(PipelineError::Thread)?;
     let engine = Arc::new(Mutex::new(Engine {
         processor,
+        batch: config.batch.clone(),
+        ahead,
         pending: Vec::new(),
         pending_bytes: 0,
+        decoded: None,
         first_polled: None,
         failed: None,
         dead: false,
@@ -649,7 +736,7 @@ pub fn run(
             Some(at) => at
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(200)),
-            None => lock().poll_timeout(&config.batch),
+            None => lock().poll_timeout(),
         };
         let polled = consumer.poll(whole_millis(timeout));
         let idle = polled.is_none();
@@ -673,8 +760,8 @@ pub fn run(
                 drop(message);
                 let mut engine = lock();
                 engine.push(record);
-                if engine.retry_at.is_none() && engine.is_full(&config.batch) {
-                    match engine.flush(&consumer) {
+                if engine.retry_at.is_none() && engine.is_full() {
+                    match engine.flush_ahead(&consumer) {
                         Ok(()) | Err(BatchError::SinkDown(_)) => {}
                         Err(e) => break Err(e),
                     }
@@ -703,7 +790,7 @@ pub fn run(
                 true,
             );
         }
-        if engine.retry_at.is_none() && engine.is_due(&config.batch) {
+        if engine.retry_at.is_none() && engine.is_due() {
             match engine.flush(&consumer) {
                 Ok(()) | Err(BatchError::SinkDown(_)) => {}
                 Err(e) => break Err(e),
@@ -732,6 +819,7 @@ pub fn run(
     // runs the revoke callback, which must not commit after a crash.
     lock().dead = true;
     lock().pending.clear();
+    lock().decoded = None;
     drop(consumer);
     match result {
         Ok(()) => {
@@ -806,6 +894,41 @@ topic = "t.dlq"
 "#
         );
         Config::parse(&text, std::path::Path::new("test.toml")).expect("test config")
+    }
+
+    fn records(sizes: &[usize]) -> Vec<Record> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| Record {
+                topic: "t".into(),
+                partition: Partition(0),
+                offset: crate::record::Offset(i as i64),
+                timestamp_ms: None,
+                key: None,
+                value: Some(vec![b'x'; *size]),
+                headers: Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_ends_at_max_records_or_max_bytes_whichever_comes_first() {
+        let limits = BatchConfig {
+            max_records: 3,
+            max_bytes: 1000,
+            linger_ms: 10,
+        };
+        assert_eq!(batch_len(&[], &limits), (0, false));
+        assert_eq!(batch_len(&records(&[10, 10]), &limits), (2, false));
+        assert_eq!(batch_len(&records(&[10, 10, 10]), &limits), (3, true));
+        assert_eq!(batch_len(&records(&[10; 7]), &limits), (3, true));
+        let size = records(&[600])[0].size();
+        assert!(size >= 600);
+        // The record that reaches max_bytes is the last of its batch.
+        assert_eq!(batch_len(&records(&[600, 600, 10]), &limits), (2, true));
+        // A record over max_bytes alone is a batch of its own.
+        assert_eq!(batch_len(&records(&[2000, 10]), &limits), (1, true));
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! write path until it is told to stop.
 //!
 //! - [`batch`]: one batch through the seven steps of the write path.
+//! - [`ahead`]: the next batch decoded while the current one is written.
 //! - [`consumer`]: the Kafka consumer loop and rebalance handling.
 //! - [`retry`]: shutdown signalling and backoff.
 
+pub mod ahead;
 pub mod batch;
 pub mod consumer;
 pub mod retry;
@@ -46,6 +48,8 @@ pub enum PipelineError {
     NoStartingOffset(String),
     #[error(transparent)]
     Changelog(#[from] ChangelogError),
+    #[error("cannot start the decoding thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// How a run ended without an error.

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub sink_retries: IntCounterVec,
     pub commit_failures: IntCounter,
     pub transactions_aborted: IntCounter,
+    pub decoded_ahead: IntCounter,
     pub changelog_failures: IntCounter,
     pub restored: IntCounter,
     pub restore_remaining: IntGaugeVec,
@@ -121,6 +122,11 @@ impl Metrics {
                  nothing is lost or doubled. Aborts before the commit (a delivery \
                  failure, a record refused) count in idem_sink_retries_total or as \
                  dead letters.",
+            ),
+            decoded_ahead: counter(
+                "idem_batches_decoded_ahead_total",
+                "Batches whose records were decoded while the batch before them \
+                 was written (when records wait behind the batch in flight).",
             ),
             changelog_failures: counter(
                 "idem_dedup_changelog_failures_total",
