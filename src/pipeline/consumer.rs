@@ -556,13 +556,29 @@ pub fn client_config(config: &Config) -> ClientConfig {
         // Incremental rebalances: partitions that stay keep going while
         // others move.
         .set("partition.assignment.strategy", "cooperative-sticky");
-    for (key, value) in fetch_defaults(config.batch.linger_ms) {
+    let defaults = fetch_defaults(config.batch.linger_ms)
+        .into_iter()
+        .chain([queue_default(config.batch.max_bytes)]);
+    for (key, value) in defaults {
         if !config.kafka.properties.contains_key(key) {
             client.set(key, value);
         }
     }
     client
 }
+
+/// How much librdkafka may fetch ahead of what idem has polled: two batches
+/// of `batch.max_bytes`, and at least [`QUEUE_MIN_KIB`], instead of
+/// librdkafka's 64 MiB. idem takes records far slower than the broker
+/// sends them, so behind a backlog the queue is always full: this is
+/// memory held for nothing, about 9 MiB of peak RSS at idem's defaults.
+fn queue_default(max_bytes: usize) -> (&'static str, String) {
+    let kib = (2 * max_bytes).div_ceil(1024).max(QUEUE_MIN_KIB);
+    ("queued.max.messages.kbytes", kib.to_string())
+}
+
+/// The least that librdkafka's queue is given, in KiB.
+const QUEUE_MIN_KIB: usize = 16 << 10;
 
 /// A batch waits up to `linger_ms` for records anyway, so the broker may
 /// hold a fetch as long, until [`FETCH_MIN_BYTES`] are there, instead of
@@ -962,5 +978,19 @@ topic = "t.dlq"
         assert_eq!(client.get("fetch.wait.max.ms"), None);
         assert_eq!(client.get("fetch.min.bytes"), None);
         assert_eq!(fetch_defaults(60_000)[0].1, "500");
+    }
+
+    #[test]
+    fn librdkafka_queues_two_batches_ahead_unless_told_otherwise() {
+        let client = client_config(&config(""));
+        assert_eq!(client.get("queued.max.messages.kbytes"), Some("16384"));
+        let client = client_config(&config("[batch]\nmax_bytes = 33554432"));
+        assert_eq!(client.get("queued.max.messages.kbytes"), Some("65536"));
+        let client = client_config(&config("[batch]\nmax_bytes = 1000"));
+        assert_eq!(client.get("queued.max.messages.kbytes"), Some("16384"));
+        let client = client_config(&config(
+            "properties = { \"queued.max.messages.kbytes\" = 4096 }",
+        ));
+        assert_eq!(client.get("queued.max.messages.kbytes"), Some("4096"));
     }
 }
