@@ -88,6 +88,22 @@ impl Record {
     }
 }
 
+#[cfg(test)]
+impl Record {
+    /// A record of topic `t`, partition 0, with no headers: for unit tests.
+    pub fn on_t(offset: i64, key: Option<Vec<u8>>, value: Vec<u8>) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: Partition(0),
+            offset: Offset(offset),
+            timestamp_ms: None,
+            key,
+            value: Some(value),
+            headers: Vec::new(),
+        }
+    }
+}
+
 /// A message's headers, read through librdkafka's C API: rust-rdkafka's
 /// header iterator panics on a name that is not UTF-8, and such a record
 /// must be dead-lettered like any other, not stop the partition. A name

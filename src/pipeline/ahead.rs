@@ -106,7 +106,6 @@ impl Drop for DecodeAhead {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::record::{Offset, Partition};
 
     fn config() -> Config {
         let text = r#"
@@ -140,15 +139,8 @@ topic = "t.dlq"
     }
 
     fn record(offset: i64, value: &str) -> Record {
-        Record {
-            topic: "t".into(),
-            partition: Partition(0),
-            offset: Offset(offset),
-            key: Some(format!("K{offset}").into_bytes()),
-            value: Some(value.as_bytes().to_vec()),
-            headers: Vec::new(),
-            timestamp_ms: None,
-        }
+        let key = format!("K{offset}").into_bytes();
+        Record::on_t(offset, Some(key), value.as_bytes().to_vec())
     }
 
     #[test]

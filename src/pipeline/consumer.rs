@@ -913,18 +913,9 @@ topic = "t.dlq"
     }
 
     fn records(sizes: &[usize]) -> Vec<Record> {
-        sizes
-            .iter()
-            .enumerate()
-            .map(|(i, size)| Record {
-                topic: "t".into(),
-                partition: Partition(0),
-                offset: crate::record::Offset(i as i64),
-                timestamp_ms: None,
-                key: None,
-                value: Some(vec![b'x'; *size]),
-                headers: Vec::new(),
-            })
+        (0..)
+            .zip(sizes)
+            .map(|(i, size)| Record::on_t(i, None, vec![b'x'; *size]))
             .collect()
     }
 
