@@ -133,9 +133,16 @@ impl Engine {
             let (next, next_full) = batch_len(&self.pending[head..], &self.batch);
             if hold_last && !next_full {
                 if self.decoded.is_none() {
-                    let decoded = self.processor.decoder().decode(&self.pending[..head]);
-                    let bytes = self.pending[..head].iter().map(Record::size).sum();
-                    self.decoded = Some((decoded, bytes));
+                    // The first batch of a backlog, with nothing to write
+                    // meanwhile: decoded now, on the decoding thread like
+                    // every batch held, so that the same thread frees it.
+                    let rest = self.pending.split_off(head);
+                    let records = std::mem::replace(&mut self.pending, rest);
+                    let ((), records, decoded) = self.ahead.overlap(records, || ());
+                    let bytes = records.iter().map(Record::size).sum();
+                    let rest = std::mem::replace(&mut self.pending, records);
+                    self.pending.extend(rest);
+                    self.decoded = decoded.map(|d| (d, bytes));
                 }
                 break;
             }

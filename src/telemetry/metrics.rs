@@ -125,8 +125,9 @@ impl Metrics {
             ),
             decoded_ahead: counter(
                 "idem_batches_decoded_ahead_total",
-                "Batches whose records were decoded while the batch before them \
-                 was written (when records wait behind the batch in flight).",
+                "Batches decoded ahead of their turn, on a thread of their own, \
+                 while the batch before them was written: when records wait \
+                 behind the batch in flight.",
             ),
             changelog_failures: counter(
                 "idem_dedup_changelog_failures_total",
