@@ -109,6 +109,32 @@ fn a_backlog_decoded_ahead_still_finds_what_the_batch_before_wrote() {
     }
 }
 
+/// A batch held decoded waits only for records already fetched: with
+/// batches of one record and a linger of a minute, records produced one at
+/// a time are each written at once, not a linger later.
+#[test]
+fn a_held_batch_does_not_wait_for_records_still_to_come() {
+    let f = Fixture::new("held");
+    let mut config = f.config(Mode::Upsert, "7d");
+    config.batch.max_records = 1;
+    config.batch.linger_ms = 60_000;
+    let run = Running::start(config);
+    for n in 0..3u64 {
+        let id = format!("ord-{n}");
+        produce(
+            &f.topic,
+            &[Rec::order(0, &format!("K{n}"), &id, 1, n as i64)],
+        );
+        wait_for(Duration::from_secs(20), &format!("{id} written"), || {
+            run.metrics.read_total() > n
+        });
+    }
+    assert_eq!(run.count(Outcome::Applied), 3);
+    assert!(run.metrics.decoded_ahead.get() > 0, "no batch was held");
+    assert_eq!(run.stop(), RunEnd::Stopped);
+    assert_eq!(f.rows().len(), 3);
+}
+
 /// insert mode: one row per idempotency key; a redelivery adds nothing.
 #[test]
 fn insert_mode_keeps_one_row_per_key() {

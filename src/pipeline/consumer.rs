@@ -85,9 +85,14 @@ impl Engine {
             || self.pending_bytes.saturating_sub(held_bytes) >= self.batch.max_bytes
     }
 
-    /// How long the next poll may wait before the batch is due.
+    /// How long the next poll may wait before the batch is due. With a
+    /// batch held, it does not wait: the held batch waits only for
+    /// records already fetched.
     fn poll_timeout(&self) -> Duration {
         let idle = Duration::from_millis(200);
+        if self.decoded.is_some() {
+            return Duration::ZERO;
+        }
         match self.first_polled {
             None => idle,
             Some(t) => Duration::from_millis(self.batch.linger_ms)
@@ -96,9 +101,14 @@ impl Engine {
         }
     }
 
-    fn is_due(&self) -> bool {
-        self.first_polled
-            .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.batch.linger_ms))
+    /// Whether what is pending is processed now: a linger has passed since
+    /// it was polled, or a batch is held and the last poll found nothing
+    /// (`idle`) behind it.
+    fn is_due(&self, idle: bool) -> bool {
+        (idle && self.decoded.is_some())
+            || self
+                .first_polled
+                .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.batch.linger_ms))
     }
 
     /// Processes and commits everything pending, a batch at a time. When
@@ -131,23 +141,18 @@ impl Engine {
                 break;
             }
             let (next, next_full) = batch_len(&self.pending[head..], &self.batch);
-            if hold_last && !next_full {
-                if self.decoded.is_none() {
-                    // The first batch of a backlog, with nothing to write
-                    // meanwhile: decoded now, on the decoding thread like
-                    // every batch held, so that the same thread frees it.
-                    let rest = self.pending.split_off(head);
-                    let records = std::mem::replace(&mut self.pending, rest);
-                    let ((), records, decoded) = self.ahead.overlap(records, || ());
-                    let bytes = records.iter().map(Record::size).sum();
-                    let rest = std::mem::replace(&mut self.pending, records);
-                    self.pending.extend(rest);
-                    self.decoded = decoded.map(|d| (d, bytes));
-                }
+            if hold_last && !next_full && self.hold(head) {
                 break;
             }
+            // The next batch is decoded meanwhile, unless it is too large
+            // to be.
+            let ahead = if fits_ahead(&self.pending[head..head + next]) {
+                next
+            } else {
+                0
+            };
             let mut next_records = self.pending.split_off(head);
-            let after = next_records.split_off(next);
+            let after = next_records.split_off(ahead);
             let records = std::mem::replace(&mut self.pending, after);
             let decoded = self.decoded.take().map(|(d, _)| d);
             let decoded_ahead = decoded.is_some();
@@ -184,9 +189,31 @@ impl Engine {
             }
         }
         self.pending_bytes = self.pending.iter().map(Record::size).sum();
-        // A held batch is due a linger after it was held.
+        // A held batch is due a linger after it was held, at the latest.
         self.first_polled = (!self.pending.is_empty()).then(Instant::now);
         Ok(())
+    }
+
+    /// Holds the first `head` records, decoded, until a whole batch is
+    /// polled behind them; false if they are too large to be decoded ahead.
+    fn hold(&mut self, head: usize) -> bool {
+        if self.decoded.is_some() {
+            return true;
+        }
+        if !fits_ahead(&self.pending[..head]) {
+            return false;
+        }
+        // The first batch of a backlog, with nothing to write meanwhile:
+        // decoded now, on the decoding thread like every batch held, so
+        // that the same thread frees it.
+        let rest = self.pending.split_off(head);
+        let records = std::mem::replace(&mut self.pending, rest);
+        let ((), records, decoded) = self.ahead.overlap(records, || ());
+        let bytes = records.iter().map(Record::size).sum();
+        let rest = std::mem::replace(&mut self.pending, records);
+        self.pending.extend(rest);
+        self.decoded = decoded.map(|d| (d, bytes));
+        true
     }
 
     /// Leaves the pending records of revoked partitions to their next
@@ -202,6 +229,18 @@ impl Engine {
         }
     }
 }
+
+/// Whether these records may be decoded ahead: a decoded JSON tree can
+/// take many times the bytes of its text (some 50 times for an array of
+/// small numbers), and a batch decoded ahead is held beside the batch in
+/// flight.
+fn fits_ahead(records: &[Record]) -> bool {
+    records.iter().map(Record::size).sum::<usize>() <= AHEAD_MAX_BYTES
+}
+
+/// The most record bytes decoded ahead: twice the benchmark's batch of
+/// 5,000 records of about 200 bytes.
+const AHEAD_MAX_BYTES: usize = 2 << 20;
 
 /// The length of the first batch of `records`, and whether it is full
 /// (reaches `max_records` or `max_bytes`) rather than all there is.
@@ -575,17 +614,21 @@ pub fn client_config(config: &Config) -> ClientConfig {
 }
 
 /// How much librdkafka may fetch ahead of what idem has polled: two batches
-/// of `batch.max_bytes`, and at least [`QUEUE_MIN_KIB`], instead of
-/// librdkafka's 64 MiB. idem takes records far slower than the broker
-/// sends them, so behind a backlog the queue is always full: this is
-/// memory held for nothing, about 9 MiB of peak RSS at idem's defaults.
+/// of `batch.max_bytes`, at least 16 MiB and at most librdkafka's own
+/// 64 MiB. idem takes records far slower than the broker sends them, so
+/// behind a backlog the queue is always full: memory held for nothing,
+/// about 9 MiB of peak RSS at idem's defaults.
 fn queue_default(max_bytes: usize) -> (&'static str, String) {
-    let kib = (2 * max_bytes).div_ceil(1024).max(QUEUE_MIN_KIB);
+    let kib = max_bytes
+        .saturating_mul(2)
+        .div_ceil(1024)
+        .clamp(QUEUE_MIN_KIB, QUEUE_MAX_KIB);
     ("queued.max.messages.kbytes", kib.to_string())
 }
 
-/// The least that librdkafka's queue is given, in KiB.
+/// The bounds of librdkafka's queue as idem sets it, in KiB.
 const QUEUE_MIN_KIB: usize = 16 << 10;
+const QUEUE_MAX_KIB: usize = 64 << 10;
 
 /// A batch waits up to `linger_ms` for records anyway, so the broker may
 /// hold a fetch as long, until [`FETCH_MIN_BYTES`] are there, instead of
@@ -813,7 +856,7 @@ pub fn run(
                 true,
             );
         }
-        if engine.retry_at.is_none() && engine.is_due() {
+        if engine.retry_at.is_none() && engine.is_due(idle) {
             match engine.flush(&consumer) {
                 Ok(()) | Err(BatchError::SinkDown(_)) => {}
                 Err(e) => break Err(e),
@@ -982,7 +1025,10 @@ topic = "t.dlq"
     fn librdkafka_queues_two_batches_ahead_unless_told_otherwise() {
         let client = client_config(&config(""));
         assert_eq!(client.get("queued.max.messages.kbytes"), Some("16384"));
-        let client = client_config(&config("[batch]\nmax_bytes = 33554432"));
+        let client = client_config(&config("[batch]\nmax_bytes = 20971520"));
+        assert_eq!(client.get("queued.max.messages.kbytes"), Some("40960"));
+        // Never more than librdkafka's own default, nor past its range.
+        let client = client_config(&config("[batch]\nmax_bytes = 1100000000"));
         assert_eq!(client.get("queued.max.messages.kbytes"), Some("65536"));
         let client = client_config(&config("[batch]\nmax_bytes = 1000"));
         assert_eq!(client.get("queued.max.messages.kbytes"), Some("16384"));
