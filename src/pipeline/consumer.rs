@@ -604,7 +604,7 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("partition.assignment.strategy", "cooperative-sticky");
     let defaults = fetch_defaults(config.batch.linger_ms)
         .into_iter()
-        .chain([queue_default(config.batch.max_bytes)]);
+        .chain(queue_defaults(config.batch.max_bytes));
     for (key, value) in defaults {
         if !config.kafka.properties.contains_key(key) {
             client.set(key, value);
@@ -617,14 +617,23 @@ pub fn client_config(config: &Config) -> ClientConfig {
 /// of `batch.max_bytes`, at least 16 MiB and at most librdkafka's own
 /// 64 MiB. idem takes records far slower than the broker sends them, so
 /// behind a backlog the queue is always full: memory held for nothing,
-/// about 9 MiB of peak RSS at idem's defaults.
-fn queue_default(max_bytes: usize) -> (&'static str, String) {
+/// about 9 MiB of peak RSS at idem's defaults. A full queue postpones the
+/// partition's next fetch by `fetch.queue.backoff.ms`, one second by
+/// default, longer than a queue this size lasts with large records (it
+/// halved the rate of records of 570 KB): [`FETCH_QUEUE_BACKOFF_MS`].
+fn queue_defaults(max_bytes: usize) -> [(&'static str, String); 2] {
     let kib = max_bytes
         .saturating_mul(2)
         .div_ceil(1024)
         .clamp(QUEUE_MIN_KIB, QUEUE_MAX_KIB);
-    ("queued.max.messages.kbytes", kib.to_string())
+    [
+        ("queued.max.messages.kbytes", kib.to_string()),
+        ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string()),
+    ]
 }
+
+/// How long a full queue holds a partition's next fetch back.
+const FETCH_QUEUE_BACKOFF_MS: u64 = 10;
 
 /// The bounds of librdkafka's queue as idem sets it, in KiB.
 const QUEUE_MIN_KIB: usize = 16 << 10;
@@ -1032,6 +1041,7 @@ topic = "t.dlq"
         assert_eq!(client.get("queued.max.messages.kbytes"), Some("65536"));
         let client = client_config(&config("[batch]\nmax_bytes = 1000"));
         assert_eq!(client.get("queued.max.messages.kbytes"), Some("16384"));
+        assert_eq!(client.get("fetch.queue.backoff.ms"), Some("10"));
         let client = client_config(&config(
             "properties = { \"queued.max.messages.kbytes\" = 4096 }",
         ));
