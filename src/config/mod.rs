@@ -731,6 +731,46 @@ pub(crate) fn check_identifier(field: &str, name: &str) -> Result<(), ConfigErro
 }
 
 #[cfg(test)]
+impl Config {
+    /// A valid configuration for unit tests elsewhere: topic `t` into a
+    /// SQLite table. `kafka` is added to the `[kafka]` table (or starts
+    /// tables of its own), `topic` to the topic's.
+    pub(crate) fn for_tests(kafka: &str, topic: &str) -> Config {
+        let text = format!(
+            r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9092"
+group_id = "g"
+{kafka}
+
+[[topics]]
+name = "t"
+{topic}
+
+[dedup]
+path = "/tmp/d"
+window = "1d"
+
+[sink]
+kind = "sqlite"
+path = "/tmp/s.db"
+
+[sink.table]
+name = "t"
+mode = "upsert"
+key_column = "id"
+version_column = "ver"
+columns = {{ id = "/id", ver = "/ver" }}
+
+[dead_letter]
+topic = "t.dlq"
+"#
+        );
+        Config::parse(&text, Path::new("test.toml")).expect("test config")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

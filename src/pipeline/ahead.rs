@@ -108,34 +108,7 @@ mod tests {
     use crate::config::Config;
 
     fn config() -> Config {
-        let text = r#"
-[kafka]
-bootstrap_servers = "127.0.0.1:9092"
-group_id = "g"
-
-[[topics]]
-name = "t"
-key = { from = "record-key" }
-
-[dedup]
-path = "/tmp/d"
-window = "1d"
-
-[sink]
-kind = "sqlite"
-path = "/tmp/s.db"
-
-[sink.table]
-name = "t"
-mode = "upsert"
-key_column = "id"
-version_column = "ver"
-columns = { id = "/k", ver = "/ver" }
-
-[dead_letter]
-topic = "t.dlq"
-"#;
-        Config::parse(text, std::path::Path::new("test.toml")).expect("test config")
+        Config::for_tests("", r#"key = { from = "record-key" }"#)
     }
 
     fn record(offset: i64, value: &str) -> Record {

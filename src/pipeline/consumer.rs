@@ -939,36 +939,7 @@ mod tests {
     use super::*;
 
     fn config(extra: &str) -> Config {
-        let text = format!(
-            r#"
-[kafka]
-bootstrap_servers = "127.0.0.1:9092"
-group_id = "g"
-{extra}
-
-[[topics]]
-name = "t"
-
-[dedup]
-path = "/tmp/d"
-window = "1d"
-
-[sink]
-kind = "sqlite"
-path = "/tmp/s.db"
-
-[sink.table]
-name = "t"
-mode = "upsert"
-key_column = "id"
-version_column = "ver"
-columns = {{ id = "/id", ver = "/ver" }}
-
-[dead_letter]
-topic = "t.dlq"
-"#
-        );
-        Config::parse(&text, std::path::Path::new("test.toml")).expect("test config")
+        Config::for_tests(extra, "")
     }
 
     fn records(sizes: &[usize]) -> Vec<Record> {
