@@ -39,8 +39,10 @@ use crate::telemetry::{Metrics, Readiness};
 /// the batch in flight, the next batch is decoded meanwhile (see
 /// [`super::ahead`]): when a full batch has been polled behind a decoded
 /// one, the decoded one is processed while the new one is decoded, and the
-/// new one is held, decoded, until the next is full or it is due. A held
-/// batch is always the first to be processed, by every flush.
+/// new one is held, decoded, until the next is full, a poll finds nothing
+/// behind it, or it is due. A held batch is always the first to be
+/// processed, by every flush. Batches over [`AHEAD_MAX_BYTES`] are neither
+/// decoded ahead nor held.
 struct Engine {
     processor: BatchProcessor,
     batch: BatchConfig,
