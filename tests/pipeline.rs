@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use idem::clock::ManualClock;
+use idem::failpoint::CrashPlan;
 use idem::outcome::Outcome;
 use idem::pipeline::RunEnd;
 use rdkafka::Message;
@@ -43,25 +44,21 @@ fn happy_path_with_duplicates() {
     assert_eq!(rows["ord-42"], (1, 42));
 }
 
-/// A backlog of full batches: each is decoded while the batch before it
-/// is written, and its dedup look-up still sees that batch's records.
-/// Every batch of ten brings five new events and, for the batch before,
-/// three redeliveries, a conflict and a record that is not JSON.
-#[test]
-fn a_backlog_decoded_ahead_still_finds_what_the_batch_before_wrote() {
-    let f = Fixture::new("ahead");
-    let batches = 30;
+/// A backlog of `batches` batches of ten on partition 0: each brings five
+/// new events and, for the batch before, three redeliveries, a conflict
+/// (entity `ord-B-3` with qty -1) and a record that is not JSON.
+fn backlog_with_repeats(batches: usize) -> Vec<Rec> {
+    let event = |b: usize, i: usize| {
+        Rec::order(
+            0,
+            &format!("K{b}-{i}"),
+            &format!("ord-{b}-{i}"),
+            1,
+            (b * 10 + i) as i64,
+        )
+    };
     let mut records = Vec::new();
     for b in 0..batches {
-        let event = |b: usize, i: usize| {
-            Rec::order(
-                0,
-                &format!("K{b}-{i}"),
-                &format!("ord-{b}-{i}"),
-                1,
-                (b * 10 + i) as i64,
-            )
-        };
         for i in 0..5 {
             records.push(event(b, i));
         }
@@ -74,13 +71,54 @@ fn a_backlog_decoded_ahead_still_finds_what_the_batch_before_wrote() {
             records.push(Rec::order(0, &format!("bad-{b}"), "x", 1, 0).with_value(b"{not json"));
         }
     }
-    produce(&f.topic, &records);
+    records
+}
 
+/// Batches of ten, cut by count rather than by time, so that a backlog is
+/// decoded ahead.
+fn ten_at_a_time(f: &Fixture) -> idem::config::Config {
     let mut config = f.config(Mode::Upsert, "7d");
     config.batch.max_records = 10;
-    // Batches are cut by count, not by time.
     config.batch.linger_ms = 1_000;
-    let run = Running::start(config);
+    config
+}
+
+/// The sink and the dead letters after [`backlog_with_repeats`]: every
+/// entity at its first event, and each dead letter the record its reason
+/// names, every source offset among them exactly once unless `repeats`
+/// (dead letters are at least once across a crash).
+fn assert_backlog_written(f: &Fixture, batches: usize, repeats: bool) {
+    let rows = f.rows();
+    assert_eq!(rows.len(), 5 * batches);
+    assert_eq!(rows["ord-7-3"], (1, 73), "the conflict changed nothing");
+    let letters = read_all(&f.dead_letter_topic, 1);
+    let mut offsets = std::collections::BTreeSet::new();
+    for m in &letters {
+        let value = m.payload().unwrap_or_default();
+        match header(m, "idem.reason") {
+            Some(b"invalid-json") => assert_eq!(value, b"{not json"),
+            Some(b"conflict") => assert!(value.ends_with(br#""qty":-1}"#)),
+            other => panic!("unexpected dead letter {other:?}"),
+        }
+        let offset = header(m, "idem.source.offset").expect("source offset");
+        assert!(
+            offsets.insert(offset.to_vec()) || repeats,
+            "a dead letter twice"
+        );
+    }
+    assert_eq!(offsets.len(), 2 * (batches - 1), "a dead letter missing");
+}
+
+/// A backlog of full batches: each is decoded while the batch before it
+/// is written, and its dedup look-up still sees that batch's records.
+#[test]
+fn a_backlog_decoded_ahead_still_finds_what_the_batch_before_wrote() {
+    let f = Fixture::new("ahead");
+    let batches = 30;
+    let records = backlog_with_repeats(batches);
+    produce(&f.topic, &records);
+
+    let run = Running::start(ten_at_a_time(&f));
     run.wait_read(records.len() as u64);
     f.wait_committed(&[records.len() as i64, -1]);
     let later = (batches - 1) as u64;
@@ -92,20 +130,44 @@ fn a_backlog_decoded_ahead_still_finds_what_the_batch_before_wrote() {
     let ahead = run.metrics.decoded_ahead.get();
     assert!(ahead > 0, "no batch was decoded ahead");
     assert_eq!(run.stop(), RunEnd::Stopped);
+    assert_backlog_written(&f, batches, false);
+}
 
-    let rows = f.rows();
-    assert_eq!(rows.len(), 5 * batches);
-    assert_eq!(rows["ord-7-3"], (1, 73), "the conflict changed nothing");
-    // Each letter is the record its reason names.
-    let letters = read_all(&f.dead_letter_topic, 1);
-    assert_eq!(letters.len(), 2 * later as usize);
-    for m in &letters {
-        let value = m.payload().unwrap_or_default();
-        match header(m, "idem.reason") {
-            Some(b"invalid-json") => assert_eq!(value, b"{not json"),
-            Some(b"conflict") => assert!(value.ends_with(br#""qty":-1}"#)),
-            other => panic!("unexpected dead letter {other:?}"),
-        }
+/// A crash in the middle of a backlog, with the next batch decoded and
+/// held, at each point of the write path where one could do harm: after
+/// the sink write, after the dead letters, before the changelog's acks,
+/// after the dedup write. The
+/// restart reads the batch again and ends exactly as a run without a
+/// crash.
+#[test]
+fn a_crash_with_a_batch_decoded_ahead_loses_and_doubles_nothing() {
+    for point in [
+        "after-sink-write",
+        "after-dead-letter",
+        "before-changelog-ack",
+        "after-dedup-write",
+    ] {
+        let f = Fixture::new(&format!("ahead-crash-{point}"));
+        let batches = 12;
+        let records = backlog_with_repeats(batches);
+        produce(&f.topic, &records);
+
+        let crashed = Running::start_with_crash(ten_at_a_time(&f), CrashPlan::at(point, 4));
+        let metrics = Arc::clone(&crashed.metrics);
+        assert_eq!(crashed.join(), RunEnd::Crashed(point));
+        let ahead = metrics.decoded_ahead.get();
+        assert!(ahead > 0, "{point}: no batch was decoded ahead");
+        let committed = f.committed()[0];
+        assert!(
+            committed < records.len() as i64,
+            "{point}: the crash came before the end ({committed})"
+        );
+
+        let run = Running::start(ten_at_a_time(&f));
+        f.wait_committed(&[records.len() as i64, -1]);
+        run.assert_outcomes_add_up();
+        assert_eq!(run.stop(), RunEnd::Stopped);
+        assert_backlog_written(&f, batches, true);
     }
 }
 

@@ -163,8 +163,7 @@ impl Engine {
                 processor.process(&records, decoded, committer)
             });
             let bytes = next_records.iter().map(Record::size).sum();
-            let after = std::mem::replace(&mut self.pending, next_records);
-            self.pending.extend(after);
+            self.put_back(next_records);
             match result {
                 Ok(spent) => {
                     if decoded_ahead {
@@ -177,8 +176,7 @@ impl Engine {
                 Err(BatchError::SinkDown(delay)) => {
                     // Nothing of it counts as done: keep it, in order,
                     // ahead of whatever is polled meanwhile.
-                    let newer = std::mem::replace(&mut self.pending, records);
-                    self.pending.extend(newer);
+                    self.put_back(records);
                     self.pending_bytes = self.pending.iter().map(Record::size).sum();
                     self.first_polled = Some(Instant::now());
                     self.retry_at = Some(Instant::now() + delay);
@@ -212,10 +210,15 @@ impl Engine {
         let records = std::mem::replace(&mut self.pending, rest);
         let ((), records, decoded) = self.ahead.overlap(records, || ());
         let bytes = records.iter().map(Record::size).sum();
-        let rest = std::mem::replace(&mut self.pending, records);
-        self.pending.extend(rest);
+        self.put_back(records);
         self.decoded = decoded.map(|d| (d, bytes));
         true
+    }
+
+    /// Puts records taken from the front of `pending` back in front of it.
+    fn put_back(&mut self, records: Vec<Record>) {
+        let newer = std::mem::replace(&mut self.pending, records);
+        self.pending.extend(newer);
     }
 
     /// Leaves the pending records of revoked partitions to their next

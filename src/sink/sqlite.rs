@@ -591,7 +591,6 @@ mod tests {
         std::fs::metadata(path).map_or(0, |m| m.len())
     }
 
-    /// Writes version `ver` of entities 0 to `rows`; each must apply.
     /// Rows of the table as `conn` sees them (in a transaction, this
     /// takes its snapshot).
     fn count_rows(conn: &Connection) -> i64 {
@@ -614,6 +613,7 @@ mod tests {
         (dir, cfg, sink)
     }
 
+    /// Writes version `ver` of entities 0 to `rows`; each must apply.
     fn batch_of(sink: &mut SqliteSink, rows: usize, ver: i64) {
         let bodies: Vec<(IdemKey, Value)> = (0..rows)
             .map(|i| {
@@ -672,11 +672,7 @@ mod tests {
         assert!(file_len(&wal) > 0, "the batch is in the WAL");
         drop(sink);
         assert!(!wal.exists(), "a -wal file was left behind");
-        let rows: i64 = Connection::open(&cfg.path)
-            .unwrap()
-            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(rows, 500);
+        assert_eq!(count_rows(&Connection::open(&cfg.path).unwrap()), 500);
     }
 
     /// A reader's snapshot holds the WAL back, so it grows; once the
